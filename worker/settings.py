@@ -1,0 +1,50 @@
+"""Process settings from the environment (``BREAKGLASS_*``): Temporal connection, files, ports.
+
+Nothing here assumes localhost in production: every address, namespace and credential comes
+from the environment; the defaults only describe the embedded dev stack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BREAKGLASS_", frozen=True, extra="ignore")
+
+    # Temporal: the embedded dev server by default; any cluster or Temporal Cloud in production.
+    temporal_address: str = "127.0.0.1:7233"
+    """``host:port`` of the Temporal frontend (env ``BREAKGLASS_TEMPORAL_ADDRESS``)."""
+    temporal_namespace: str = "default"
+    temporal_tls_cert: Path | None = None
+    """Client certificate for mTLS (Temporal Cloud or a secured cluster); with ``..._TLS_KEY``."""
+    temporal_tls_key: Path | None = None
+    temporal_tls_ca: Path | None = None
+    """CA bundle to verify the server; system roots when unset."""
+    temporal_tls_server_name: str | None = None
+    temporal_tls: bool = False
+    """Force TLS without client certificates (e.g. Temporal Cloud with an API key)."""
+    temporal_api_key: SecretStr | None = None
+    payload_key: SecretStr | None = None
+    """Base64 AES-256 key: when set, every payload is encrypted before it reaches Temporal."""
+
+    accounts_file: Path = Path("runbooks/accounts.yaml")
+    state_dir: Path = Path(".breakglass")
+    """Where the embedded stack keeps its SQLite file, logs, pids and the sandbox's CA."""
+
+    sandbox_address: str = "127.0.0.1:9443"
+    """Where ``route: sandbox`` accounts connect (the sandbox exchange's TLS listener)."""
+    sandbox_ca_file: Path | None = None
+    """CA that signed the sandbox's certificate; default ``<state_dir>/sandbox/ca.pem``."""
+
+    # Embedded dev stack ports.
+    dev_temporal_port: int = Field(default=7233, ge=1, le=65535)
+    dev_ui_port: int = Field(default=8233, ge=1, le=65535)
+    dev_sandbox_port: int = Field(default=9443, ge=1, le=65535)
+    dev_sandbox_admin_port: int = Field(default=9444, ge=1, le=65535)
+
+    def sandbox_ca(self) -> Path:
+        return self.sandbox_ca_file or self.state_dir / "sandbox" / "ca.pem"
