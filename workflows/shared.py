@@ -113,7 +113,9 @@ class VenueSnapshot(Model):
     taken_at: datetime
     open_orders: list[OpenOrder] = []
     positions: list[Position] = []
-    """Non-zero positions only."""
+    """Positions a market order could still close (non-zero and above the lot minimum)."""
+    dust: list[Position] = []
+    """Non-zero remainders below one lot step or the minimum size."""
 
 
 # --------------------------------------------------------------------------- activity messages
@@ -228,6 +230,8 @@ class AccountReport(Model):
     dust: list[Position] = []
     flatten_orders: list[FlattenOrder] = []
     dead_man_symbols: int = 0
+    errors: list[str] = []
+    """Steps that failed for this account after their retries, with the venue's reason."""
 
 
 class KillOutcome(StrEnum):

@@ -1,0 +1,103 @@
+"""The Temporal worker process: wires the activities with their clients once and polls.
+
+Run as ``python -m worker.main``; settings come from the environment (``BREAKGLASS_*``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.accounts import ConfigError, load_accounts
+from activities.kill import KillActivities
+from activities.notify import ConsoleNotifier, Notifier, NotifyActivities
+from activities.venues import VenueGateway
+from worker.settings import Settings
+from worker.temporal_client import TemporalUnreachable, connect
+from workflows.kill_switch import KillSwitchWorkflow
+from workflows.shared import TASK_QUEUE
+
+log = logging.getLogger("breakglass.worker")
+
+WORKFLOWS: Sequence[type] = (KillSwitchWorkflow,)
+
+
+def gateway_for(settings: Settings) -> VenueGateway:
+    return VenueGateway(
+        load_accounts(settings.accounts_file),
+        sandbox_address=settings.sandbox_address,
+        sandbox_ca_file=settings.sandbox_ca(),
+    )
+
+
+def activities_for(gateway: VenueGateway, notifiers: list[Notifier]) -> list[Callable[..., Any]]:
+    kill = KillActivities(gateway)
+    notify = NotifyActivities(notifiers)
+    return [kill.halt, kill.cancel_all, kill.flatten, kill.snapshot_venue_state, notify.notify]
+
+
+def build_worker(
+    client: Client, gateway: VenueGateway, *, task_queue: str = TASK_QUEUE, **options: Any
+) -> Worker:
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=list(WORKFLOWS),
+        activities=activities_for(gateway, [ConsoleNotifier()]),
+        **options,
+    )
+
+
+async def serve(settings: Settings) -> None:
+    gateway = gateway_for(settings)
+    client = await connect(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    worker = build_worker(client, gateway)
+    try:
+        async with worker:
+            log.info(
+                "worker started: task queue %s on %s (namespace %s), pid %d",
+                TASK_QUEUE,
+                settings.temporal_address,
+                settings.temporal_namespace,
+                os.getpid(),
+            )
+            await stop.wait()
+            log.info("worker stopping")
+    finally:
+        await gateway.close()
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+    rc = 0
+    try:
+        asyncio.run(serve(Settings()))
+    except (ConfigError, TemporalUnreachable) as e:
+        print(f"breakglass worker: {e}", file=sys.stderr)
+        rc = 2
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    # The SDK can abort at interpreter exit (sdk-python #300); leaving through _exit avoids it.
+    os._exit(rc)
+
+
+if __name__ == "__main__":
+    main()
