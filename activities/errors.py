@@ -14,7 +14,7 @@ _QUERY = re.compile(r"\?[^\s\"']*")
 _CODE = re.compile(r'"code"\s*:\s*"?(-?\d+)')
 
 REDUCE_ONLY_REJECTED_CODES = {-2022, -4118}
-"""-2022 reduce-only rejected (nothing left to reduce); -4118 reduce-only orders already cover it."""
+"""-2022 reduce-only rejected (nothing to reduce); -4118 reduce-only orders already cover it."""
 BELOW_MINIMUM_CODES = {-4164, -1013, -4003}
 """Min notional / filter failure / quantity below zero: the remainder is dust."""
 

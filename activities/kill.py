@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY_S = 1.0
 MAX_FLATTEN_PASSES = 12
-"""Partial fills and racing fills each cost a pass; past this the workflow's next round takes over."""
+"""Partial and racing fills each cost a pass; past this the workflow's next round takes over."""
 REQUERY_INTERVAL_S = 0.2
 
 

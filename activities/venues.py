@@ -9,6 +9,7 @@ translated here, once, by :func:`activities.errors.translate`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -222,10 +223,9 @@ class VenueSession:
     async def cancel_all_in(self, symbol: str, conditional: bool) -> None:
         """Cancel every open (or conditional) order in one symbol; nothing open is success."""
         params = {"trigger": True} if conditional else {}
-        try:
+        # Spot answers -2011 when nothing is open: that is the state we want.
+        with contextlib.suppress(OrderGone):
             await self.call(self.exchange.cancel_all_orders, symbol, params)
-        except OrderGone:
-            pass  # spot answers -2011 when nothing is open: that is the state we want
 
     async def arm_dead_man(self, symbol: str, seconds: int) -> None:
         """Venue-side countdown cancel-all for one symbol (futures only)."""

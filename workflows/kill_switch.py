@@ -150,7 +150,7 @@ class KillSwitchWorkflow:
                 flattens = await self._run_step(
                     Step.FLATTEN,
                     live,
-                    lambda a: workflow.execute_activity(
+                    lambda a, prefix=prefix: workflow.execute_activity(  # type: ignore[misc]
                         "flatten",
                         FlattenRequest(account=a, client_id_prefix=prefix),
                         result_type=FlattenResult,
@@ -287,12 +287,13 @@ class KillSwitchWorkflow:
 
     async def _notify(self, report: KillReport) -> None:
         self._mark(Step.NOTIFY, StepState.RUNNING)
+        names = [a.account for a in report.accounts]
         severity = "info" if report.outcome is KillOutcome.VERIFIED else "critical"
         try:
             await workflow.execute_activity(
                 "notify",
                 NotifyRequest(
-                    title=f"Kill switch {report.outcome.value}: {', '.join(a.account for a in report.accounts)}",
+                    title=f"Kill switch {report.outcome.value}: {', '.join(names)}",
                     text=summary(report),
                     severity=severity,
                 ),
