@@ -1,0 +1,44 @@
+# Everything sets itself up: a fresh machine needs only python3 (>= 3.11) and make.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit bench up down status clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## demo: start the embedded stack, seed the sandbox, run the kill switch through Temporal
+demo: $(STAMP)
+	$(BIN)/python -m worker.demo
+
+## test: lint, type-check and the whole test suite (what CI runs)
+test: lint typecheck unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -q
+
+## bench: the K1 kill-switch benchmark (prints ratios; last line is machine-readable)
+bench: $(STAMP)
+	$(BIN)/python -m bench.kill_switch
+
+up: $(STAMP)
+	$(BIN)/breakglass dev up
+down: $(STAMP)
+	$(BIN)/breakglass dev down
+status: $(STAMP)
+	$(BIN)/breakglass dev status
+
+clean: down
+	rm -rf .breakglass
