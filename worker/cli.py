@@ -1,0 +1,61 @@
+"""``breakglass``: the operator CLI. Each command lives in its own ``cli_*`` module.
+
+Adding a command module is one import and one registration line below: a module with a sub-app
+uses ``app.add_typer(module.app, name=...)``; plain command functions use
+``register(app, module.fn, ...)``. Shared helpers (``abort``, ``load_settings``, consoles,
+``run_async``) live in ``worker.cli_common``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+
+import typer
+
+from worker import cli_dev, cli_kill
+from worker.cli_common import exit_codes_help, register
+
+app = typer.Typer(
+    name="breakglass",
+    help="Runbook automation on Temporal: kill switch, rollbacks, deployments.",
+    epilog=exit_codes_help(),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+app.add_typer(cli_dev.app, name="dev")
+register(app, cli_kill.kill, cli_kill.status)
+
+
+def main() -> None:
+    """Console-script entry point: run the app, then leave through ``os._exit``.
+
+    The SDK can abort at interpreter exit (sdk-python #300); flushing and ``os._exit`` avoids it.
+    """
+    rc = 0
+    try:
+        app(prog_name="breakglass")
+    except SystemExit as e:
+        if isinstance(e.code, int):
+            rc = e.code
+        elif e.code is not None:
+            print(e.code, file=sys.stderr)
+            rc = 1
+    except KeyboardInterrupt:
+        rc = 130
+    except Exception:
+        traceback.print_exc()
+        rc = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(rc)
+
+
+if __name__ == "__main__":
+    main()
