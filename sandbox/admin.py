@@ -169,7 +169,9 @@ def build_admin_app(sb: Sandbox, token: str) -> web.Application:
                 close_position=s.close_position,
                 trigger_price=s.trigger_price,
             )
-            ids.append(sb.engine.submit(acct, req, seeded_filled=s.filled_qty).order_id)
+            ids.append(
+                sb.engine.submit(acct, req, seeded=True, seeded_filled=s.filled_qty).order_id
+            )
         return _json(SeededIds(order_ids=ids), 201)
 
     async def set_positions(request: web.Request) -> web.StreamResponse:

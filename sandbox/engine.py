@@ -238,8 +238,13 @@ class Engine:
             raise VenueError(-1121, "Invalid symbol.")
         return m
 
-    def submit(self, acct: Account, req: NewOrder, *, seeded_filled: Decimal = ZERO) -> Order:
-        """Validate like Binance, accept, and match immediately if marketable."""
+    def submit(
+        self, acct: Account, req: NewOrder, *, seeded: bool = False, seeded_filled: Decimal = ZERO
+    ) -> Order:
+        """Validate like Binance, accept, and match immediately if marketable.
+
+        ``seeded`` (admin): spot funds are locked without being taken from free balances.
+        """
         m = self.market(req.symbol)
         if req.side not in ("BUY", "SELL"):
             raise VenueError(-1117, "Invalid side.")
@@ -272,7 +277,7 @@ class Engine:
             is_algo=algo,
         )
         if req.venue == "spot":
-            self._lock_spot(acct, m, order, req, seeded=seeded_filled > 0)
+            self._lock_spot(acct, m, order, req, seeded=seeded)
         acct.orders[order.order_id] = order
         if seeded_filled > 0:
             order.filled = min(seeded_filled, order.qty)
