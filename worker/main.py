@@ -64,12 +64,12 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    worker = build_worker(client, gateway)
+    worker = build_worker(client, gateway, task_queue=settings.task_queue)
     try:
         async with worker:
             log.info(
                 "worker started: task queue %s on %s (namespace %s), pid %d",
-                TASK_QUEUE,
+                settings.task_queue,
                 settings.temporal_address,
                 settings.temporal_namespace,
                 os.getpid(),

