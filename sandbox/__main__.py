@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace) -> int:
     state_dir: Path = args.state_dir
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - before serving anything
     token = args.admin_token or secrets.token_urlsafe(24)
     token_file = state_dir / "admin_token"
     token_file.write_text(token)

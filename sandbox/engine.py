@@ -269,7 +269,7 @@ class Engine:
             qty=req.qty or ZERO,
             price=req.price,
             client_order_id=cid,
-            time_in_force=req.time_in_force or ("GTC" if req.type == "LIMIT" else "GTC"),
+            time_in_force=req.time_in_force or "GTC",
             reduce_only=bool(req.reduce_only),
             position_side=req.position_side or "BOTH",
             close_position=req.close_position,
@@ -459,7 +459,8 @@ class Engine:
             self._close(order, "EXPIRED")
             raise VenueError(
                 -5022,
-                "Due to the order could not be executed as maker, the Post Only order will be rejected.",
+                "Due to the order could not be executed as maker, "
+                "the Post Only order will be rejected.",
             )
         if marketable:
             self._fill(acct, m, order, order.remaining, touch, maker=False)

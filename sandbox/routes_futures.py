@@ -116,7 +116,8 @@ def new_order(ctx: Ctx) -> object:
         # Since late 2025 Binance only accepts conditional orders on /fapi/v1/algoOrder.
         raise VenueError(
             -4120,
-            "Order type not supported for this endpoint. Please use the Algo Order API endpoints instead.",
+            "Order type not supported for this endpoint. "
+            "Please use the Algo Order API endpoints instead.",
         )
     o = ctx.engine.submit(ctx.acct, req)
     if ctx.str("newOrderRespType") == "ACK":

@@ -24,7 +24,7 @@ class SeedAccount(BaseModel):
 
 
 class BookSpec(BaseModel):
-    """What to seed. The benchmark scenario is 2 accounts x 25 symbols, 1,000 orders, 20 positions."""
+    """What to seed. Benchmark scenario: 2 accounts x 25 symbols, 1,000 orders, 20 positions."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     accounts: list[SeedAccount]
