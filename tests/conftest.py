@@ -1,3 +1,3 @@
 """Shared fixtures: the sandbox exchange and the Temporal servers, each in its own module."""
 
-pytest_plugins = ["tests.fixtures.sandbox", "tests.fixtures.temporal"]
+pytest_plugins = ["tests.fixtures.sandbox", "tests.fixtures.temporal", "tests.fixtures.venues"]
