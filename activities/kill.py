@@ -45,7 +45,7 @@ from workflows.shared import (
 log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY_S = 1.0
-MAX_FLATTEN_PASSES = 12
+MAX_FLATTEN_PASSES = 20
 """Partial and racing fills each cost a pass; past this the workflow's next round takes over."""
 REQUERY_INTERVAL_S = 0.2
 

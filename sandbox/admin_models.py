@@ -16,7 +16,13 @@ class FaultRule(_Model):
     """One injected fault. ``match`` is ``"METHOD /path/glob"`` or a bare path glob (any method)."""
 
     kind: Literal[
-        "latency", "http_error", "no_answer", "error_1007", "burst_429", "fill_races_cancel"
+        "latency",
+        "http_error",
+        "no_answer",
+        "error_1007",
+        "burst_429",
+        "fill_races_cancel",
+        "thin_book",
     ]
     match: str = "*"
     probability: float = Field(1.0, ge=0.0, le=1.0)
@@ -33,6 +39,8 @@ class FaultRule(_Model):
     """error_1007: whether the request was applied before answering -1007."""
     fill: Literal["full", "partial"] = "full"
     """fill_races_cancel: the order fills fully (cancel gets -2011) or half (rest cancelled)."""
+    liquidity: float = Field(0.5, gt=0.0, le=1.0)
+    """thin_book: share of a market order that fills (at least one lot); the rest expires."""
     api_key: str | None = None
     """Only requests signed by this account (None = every account)."""
     hits: int = 0

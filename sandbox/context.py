@@ -19,6 +19,8 @@ class Ctx:
     race: str | None = None
     """fill_races_cancel mode ('full'/'partial') if a fault rule hit this cancel request."""
     weight_limit: int = 0
+    liquidity: Decimal | None = None
+    """thin_book fault: share of a market order the book can fill."""
 
     @property
     def acct(self) -> Account:

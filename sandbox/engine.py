@@ -62,6 +62,7 @@ class Order:
     update_time: int = field(default_factory=now_ms)
     locked: Decimal = ZERO  # spot: funds still locked by the remainder (quote for buys)
     actual_order_id: int | None = None  # algo: the order it turned into when triggered
+    liquidity: Decimal | None = None  # fault injection: share of a market order that fills
 
     @property
     def is_open(self) -> bool:
@@ -154,6 +155,8 @@ class NewOrder:
     close_position: bool = False
     trigger_price: Decimal | None = None
     quote_qty: Decimal | None = None  # spot market buys by cost
+    liquidity: Decimal | None = None
+    """Share of a market order the book can fill (fault injection); the rest expires."""
 
 
 class Engine:
@@ -275,6 +278,7 @@ class Engine:
             close_position=req.close_position,
             trigger_price=req.trigger_price,
             is_algo=algo,
+            liquidity=req.liquidity,
         )
         if req.venue == "spot":
             self._lock_spot(acct, m, order, req, seeded=seeded)
@@ -446,7 +450,11 @@ class Engine:
     def _match_new(self, acct: Account, m: Market, order: Order) -> None:
         touch = self._ask(m) if order.side == "BUY" else self._bid(m)
         if order.type == "MARKET":
-            self._fill(acct, m, order, order.remaining, touch, maker=False)
+            qty = order.remaining
+            if order.liquidity is not None:
+                # A thin book: only part fills and the rest expires, as on Binance.
+                qty = max(m.step, (qty * order.liquidity).quantize(m.step, ROUND_DOWN))
+            self._fill(acct, m, order, min(qty, order.remaining), touch, maker=False)
             if order.is_open:  # capped by reduce-only: the rest expires, as Binance does
                 self._close(order, "EXPIRED")
             return

@@ -107,6 +107,7 @@ def _new_order(ctx: Ctx, algo: bool) -> NewOrder:
         position_side=ctx.str("positionSide"),
         close_position=bool(ctx.bool("closePosition")),
         trigger_price=ctx.dec("triggerPrice") if algo else None,
+        liquidity=ctx.liquidity,
     )
 
 

@@ -119,6 +119,7 @@ def new_order(ctx: Ctx) -> object:
         reduce_only=ctx.bool("reduceOnly"),
         position_side=ctx.str("positionSide"),
         quote_qty=ctx.dec("quoteOrderQty"),
+        liquidity=ctx.liquidity,
     )
     before = len(ctx.acct.fills)
     o = ctx.engine.submit(ctx.acct, req)

@@ -11,6 +11,7 @@ import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 from aiohttp import web
@@ -27,6 +28,7 @@ from sandbox.weights import WeightLimiter, weight_of
 log = logging.getLogger("sandbox")
 
 TICK_S = 0.2
+ORDER_ENDPOINTS = {"/fapi/v1/order", "/api/v3/order"}
 CANCEL_ENDPOINTS = {
     ("DELETE", "/fapi/v1/order"),
     ("DELETE", "/fapi/v1/batchOrders"),
@@ -142,6 +144,9 @@ class Sandbox:
         if (method, path) in CANCEL_ENDPOINTS:
             race = self._take("fill_races_cancel", method, path, api_key)
             ctx.race = race.fill if race is not None else None
+        if method == "POST" and path in ORDER_ENDPOINTS:
+            thin = self._take("thin_book", method, path, api_key)
+            ctx.liquidity = Decimal(str(thin.liquidity)) if thin is not None else None
         hold = self._take("no_answer", method, path, api_key)
 
         status, body = self._run(route, ctx)
