@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import signal
+from datetime import timedelta
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +30,9 @@ from workflows.shared import TASK_QUEUE
 log = logging.getLogger("breakglass.worker")
 
 WORKFLOWS: Sequence[type] = (KillSwitchWorkflow,)
+STICKY_FAILOVER = timedelta(seconds=3)
+"""A dead worker's cached workflows move to another worker after this (SDK default 10 s): a kill
+switch should not sit out the default when its worker was SIGKILLed."""
 
 
 def gateway_for(settings: Settings) -> VenueGateway:
@@ -48,6 +52,7 @@ def activities_for(gateway: VenueGateway, notifiers: list[Notifier]) -> list[Cal
 def build_worker(
     client: Client, gateway: VenueGateway, *, task_queue: str = TASK_QUEUE, **options: Any
 ) -> Worker:
+    options.setdefault("sticky_queue_schedule_to_start_timeout", STICKY_FAILOVER)
     return Worker(
         client,
         task_queue=task_queue,
