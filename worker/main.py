@@ -10,9 +10,9 @@ import contextlib
 import logging
 import os
 import signal
-from datetime import timedelta
 import sys
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any
 
 from temporalio.client import Client
