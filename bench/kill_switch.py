@@ -439,6 +439,21 @@ def breakdown(results: dict[str, list[RunResult]]) -> list[str]:
     return lines
 
 
+def gaps(results: list[RunResult]) -> str:
+    """Median idle time of one account between its own steps (and from go to its first step)."""
+    found: dict[str, list[float]] = {}
+    for result in results:
+        for account in {s.account for s in result.spans if s.account}:
+            mine = sorted((s for s in result.spans if s.account == account), key=lambda s: s.start)
+            previous, end = "go", 0.0
+            for span in mine:
+                found.setdefault(f"{previous}->{span.step}", []).append(span.start - end)
+                previous, end = span.step, span.end
+    parts = [f"{k} {median(v) * 1000:.0f}" for k, v in found.items()]
+    total = sum(median(v) for v in found.values()) * 1000
+    return ", ".join(parts) + f" (sum {total:.0f} ms)"
+
+
 def report(results: dict[str, list[RunResult]], http429: int, eager: bool) -> tuple[str, bool]:
     medians = {v: median([r.seconds for r in results[v]]) for v in VARIANTS}
     print()
@@ -459,6 +474,9 @@ def report(results: dict[str, list[RunResult]], http429: int, eager: bool) -> tu
         print(f"(c) ran {len(naive)} time(s) only (--naive-runs): slow by design, >20 s per run")
     for line in breakdown(results):
         print(line)
+    print("  (c is sequential: its windows span both accounts)")
+    for v in "ab":
+        print(f"({v}) idle ms between an account's steps (median): {gaps(results[v])}")
     ab, ca = medians["a"] / medians["b"], medians["c"] / medians["a"]
     print(f"a/b = {ab:.2f} (target <= {TARGET_AB}: {'met' if ab <= TARGET_AB else 'NOT MET'})")
     print(f"c/a = {ca:.2f} (target >= {TARGET_CA:g}: {'met' if ca >= TARGET_CA else 'NOT MET'})")
