@@ -15,6 +15,10 @@ the workflow's own ``time_to_flat_s`` (server start time to ``workflow.now()`` i
 task) is printed too. Excluded everywhere alike: seeding, and one warm connection with markets
 loaded per account (a long-running worker or script has loaded them before the emergency).
 
+The dev server runs with ``system.enableActivityEagerExecution=true`` (measured: no difference
+within noise; ``--no-eager`` compares). Each run also prints, per account, the idle time between
+its steps: in (a) that is Temporal's orchestration (start, task dispatch, step barriers).
+
 Fairness: the worker runs in this process (as do b and c), on a fresh task queue; every variant
 is warmed up once on a small book first. Runs of a and b alternate. Between runs the venue's
 one-minute weight window and our client-side weight limiter are reset, as if runs were a minute
