@@ -107,20 +107,25 @@ class KillActivities:
 
     @activity.defn(name="halt_account")
     async def halt(self, request: HaltRequest) -> HaltResult:
-        """Arm the venue's dead-man switch on every symbol with orders or positions.
+        """Arm the venue's dead-man switch on every symbol with open orders.
 
         If this worker dies mid-kill, the venue still cancels those orders when the timer runs
-        out. Spot has no such switch: reported, not faked.
+        out. With ``dead_man_seconds=0`` it disarms the given symbols instead (after a verified
+        kill). Spot has no such switch: reported, not faked.
         """
         venue = await self._venue(request.account)
-        if venue.is_spot or request.dead_man_seconds == 0:
-            return HaltResult(account=request.account, supported=not venue.is_spot)
+        if venue.is_spot:
+            return HaltResult(account=request.account, supported=False)
+        seconds = request.dead_man_seconds
+        if seconds is None:
+            seconds = venue.account.dead_man_seconds
+            if seconds == 0:
+                return HaltResult(account=request.account, supported=True)
         try:
-            orders, positions = await asyncio.gather(venue.open_orders(), venue.positions())
-            symbols = sorted({o.symbol for o in orders} | {p.symbol for p in positions})
-            await asyncio.gather(
-                *(venue.arm_dead_man(s, request.dead_man_seconds) for s in symbols)
-            )
+            symbols = request.symbols
+            if symbols is None:
+                symbols = sorted({o.symbol for o in await venue.open_orders() if not o.conditional})
+            await asyncio.gather(*(venue.arm_dead_man(s, seconds) for s in symbols))
         except VenueError as e:
             raise as_application_error(e, request.account) from None
         return HaltResult(account=request.account, symbols_armed=symbols)

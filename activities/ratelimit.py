@@ -16,6 +16,8 @@ from types import SimpleNamespace
 
 import aiohttp
 
+from activities.errors import RateLimited
+
 WINDOW_S = 60.0
 
 # (method, path) -> (weight with symbol, weight without symbol). Binance's documented weights.
@@ -49,10 +51,18 @@ def request_weight(method: str, url: str) -> int:
 
 
 class WeightLimiter:
-    """Admits requests while the last minute's weight stays within ``budget``."""
+    """Admits requests while the last minute's weight stays within ``budget``.
 
-    def __init__(self, budget: int, clock: Callable[[], float] = time.monotonic) -> None:
+    It waits at most ``max_wait_s``: the request it holds is already signed, and a venue refuses
+    a timestamp older than its receive window (-1021). Past that it raises :class:`RateLimited`
+    so the activity's retry signs afresh, with Temporal's backoff.
+    """
+
+    def __init__(
+        self, budget: int, max_wait_s: float = 2.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.budget = budget
+        self.max_wait_s = max_wait_s
         self._clock = clock
         self._spent: deque[tuple[float, int]] = deque()
         self._lock = asyncio.Lock()
@@ -65,14 +75,22 @@ class WeightLimiter:
 
     async def acquire(self, weight: int) -> None:
         async with self._lock:  # FIFO: a heavy request is not starved by light ones
+            deadline = self._clock() + self.max_wait_s
             while True:
                 self._expire()
                 used = sum(w for _, w in self._spent)
                 if used + weight <= self.budget or not self._spent:
                     self._spent.append((self._clock(), weight))
                     return
+                free_at = self._spent[0][0] + WINDOW_S
+                if free_at > deadline:
+                    raise RateLimited(
+                        f"weight budget {self.budget}/min spent ({used} used): "
+                        f"backing off instead of waiting {free_at - self._clock():.0f}s"
+                    )
                 self.waits += 1
-                await asyncio.sleep(max(self._spent[0][0] + WINDOW_S - self._clock(), 0.01))
+                # Short naps, re-checked: the window moves and the venue's count may change.
+                await asyncio.sleep(min(max(free_at - self._clock(), 0.01), 0.25))
 
     def observe(self, venue_used: int) -> None:
         """Account for weight the venue says was spent that this process did not send."""

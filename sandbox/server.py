@@ -190,7 +190,8 @@ async def start_sites(
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
             runners.append(runner)
-            await web.TCPSite(runner, host, p, ssl_context=ssl, reuse_address=False).start()
+            # SO_REUSEADDR: a restart binds through TIME_WAIT; a live listener still refuses it.
+            await web.TCPSite(runner, host, p, ssl_context=ssl, reuse_address=True).start()
     except OSError:
         for r in runners:
             await r.cleanup()

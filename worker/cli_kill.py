@@ -43,6 +43,7 @@ from workflows.shared import (
     KillScope,
     KillStatus,
     KillSwitchInput,
+    StepState,
     kill_workflow_id,
 )
 
@@ -116,7 +117,8 @@ async def _watch(handle: WorkflowHandle, as_json: bool) -> KillReport:
         while not result.done():
             status = await _query(handle)
             for step in status.steps if status else []:
-                if seen.get(step.step) != step.state and not as_json:
+                changed = seen.get(step.step) != step.state
+                if changed and step.state is not StepState.PENDING and not as_json:
                     seen[step.step] = step.state
                     console.print(f"{step.step.value}: {step.state.value} {step.detail}".rstrip())
             await asyncio.wait([result], timeout=POLL_S)

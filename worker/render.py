@@ -52,26 +52,22 @@ def report_view(report: KillReport) -> Group:
         + (f" · time to flat {report.time_to_flat_s:.3f}s" if report.time_to_flat_s else "")
     )
     accounts = Table(title="accounts", title_justify="left")
-    for column in (
-        "account",
-        "orders cancelled",
-        "still open",
-        "before",
-        "after",
-        "dust",
-        "errors",
-    ):
+    for column in ("account", "cancelled", "open", "positions", "after", "dust", "dead-man"):
         accounts.add_column(column)
     for a in report.accounts:
         dust_keys = {(d.symbol, d.position_side) for d in a.dust}
         after = [p for p in a.positions_after if (p.symbol, p.position_side) not in dust_keys]
+        dead_man = f"{a.dead_man_symbols} symbols" if a.dead_man_symbols else "-"
+        if a.dead_man_released:
+            dead_man += ", released"
         accounts.add_row(
             a.account,
             f"{a.orders_cancelled}/{a.orders_found}",
             str(a.orders_still_open),
-            f"{len(a.positions_before)} position(s)",
+            str(len(a.positions_before)),
             _positions(after),
             _positions(a.dust) if a.dust else "none",
-            "; ".join(a.errors) or "",
+            dead_man,
         )
-    return Group(headline, facts, accounts, steps_table(report.steps))
+    errors = [Text(f"{a.account}: {e}", style="red") for a in report.accounts for e in a.errors]
+    return Group(headline, facts, accounts, *errors, steps_table(report.steps))

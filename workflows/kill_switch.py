@@ -206,6 +206,10 @@ class KillSwitchWorkflow:
                 }
             )
         outcome = KillOutcome.VERIFIED if time_to_flat is not None else KillOutcome.UNVERIFIED
+        if outcome is KillOutcome.VERIFIED:
+            released = await self._release_dead_man(halts)
+            for account in released:
+                reports[account] = reports[account].model_copy(update={"dead_man_released": True})
         report = KillReport(
             workflow_id=info.workflow_id,
             reason=request.reason,
@@ -260,6 +264,26 @@ class KillSwitchWorkflow:
         detail = f"failed: {', '.join(failures)}" if failures else f"{len(done)} account(s)"
         self._mark(step, state, detail)
         return done
+
+    async def _release_dead_man(self, halts: dict[str, HaltResult]) -> list[str]:
+        """Disarm the countdowns armed by the halt: the account is verified flat, and a timer left
+        running would cancel the orders of whatever trades next. Best effort: if this fails the
+        timers simply run out."""
+        armed = {a: h.symbols_armed for a, h in halts.items() if h.symbols_armed}
+        results = await asyncio.gather(
+            *(
+                workflow.execute_local_activity(
+                    "halt_account",
+                    HaltRequest(account=a, dead_man_seconds=0, symbols=symbols),
+                    result_type=HaltResult,
+                    start_to_close_timeout=timedelta(seconds=20),
+                    retry_policy=RetryPolicy(maximum_attempts=3),
+                )
+                for a, symbols in armed.items()
+            ),
+            return_exceptions=True,
+        )
+        return [a for a, r in zip(armed, results, strict=True) if isinstance(r, HaltResult)]
 
     def _mark(self, step: Step, state: StepState, detail: str = "") -> None:
         current = self._steps[step]

@@ -127,8 +127,11 @@ class AccountRequest(Model):
 
 class HaltRequest(Model):
     account: str
-    dead_man_seconds: int = Field(default=120, ge=0, le=3600)
-    """Venue-side countdown cancel-all armed while the kill runs; 0 arms nothing."""
+    dead_man_seconds: int | None = Field(default=None, ge=0, le=3600)
+    """Venue-side countdown cancel-all armed while the kill runs: None takes the account's
+    configured timer; 0 disarms."""
+    symbols: list[str] | None = None
+    """Symbols to arm or disarm; None: every symbol with open orders now."""
 
 
 class HaltResult(Model):
@@ -230,6 +233,10 @@ class AccountReport(Model):
     dust: list[Position] = []
     flatten_orders: list[FlattenOrder] = []
     dead_man_symbols: int = 0
+    """Symbols whose venue-side countdown cancel-all was armed during the kill."""
+    dead_man_released: bool = False
+    """The countdowns were disarmed after the verified kill (so they cannot cancel the orders
+    of whatever trades next)."""
     errors: list[str] = []
     """Steps that failed for this account after their retries, with the venue's reason."""
 

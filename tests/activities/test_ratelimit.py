@@ -1,0 +1,74 @@
+"""The weight limiter on a fake clock: bursts pass, the budget is never exceeded, a long wait
+turns into a retryable RateLimited, and the venue's own count is trusted when higher."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from activities.errors import RateLimited
+from activities.ratelimit import WINDOW_S, WeightLimiter, request_weight
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_burst_within_the_budget_passes_at_once() -> None:
+    clock = FakeClock()
+    limiter = WeightLimiter(100, clock=clock)
+    await asyncio.wait_for(asyncio.gather(*(limiter.acquire(1) for _ in range(100))), 1)
+    assert limiter.used() == 100 and limiter.waits == 0
+
+
+async def test_past_the_budget_it_waits_for_the_window_then_admits() -> None:
+    clock = FakeClock()
+    limiter = WeightLimiter(10, max_wait_s=WINDOW_S, clock=clock)
+    await limiter.acquire(10)
+    waiting = asyncio.ensure_future(limiter.acquire(5))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # never more than the budget in one window
+    clock.now += WINDOW_S + 0.001
+    await asyncio.wait_for(waiting, 1)
+    assert limiter.used() == 5
+
+
+async def test_a_wait_longer_than_a_signed_request_survives_is_refused() -> None:
+    clock = FakeClock()
+    limiter = WeightLimiter(10, max_wait_s=2.0, clock=clock)
+    await limiter.acquire(10)
+    with pytest.raises(RateLimited, match="backing off"):
+        await limiter.acquire(1)
+    assert limiter.used() == 10
+
+
+async def test_the_venues_count_is_trusted_when_higher() -> None:
+    clock = FakeClock()
+    limiter = WeightLimiter(100, clock=clock)
+    await limiter.acquire(10)
+    limiter.observe(95)  # someone else on this IP spent weight too
+    assert limiter.used() == 95
+    limiter.observe(50)  # lower than ours: nothing to add
+    assert limiter.used() == 95
+    with pytest.raises(RateLimited):
+        await limiter.acquire(10)
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "weight"),
+    [
+        ("GET", "https://fapi.binance.com/fapi/v1/openOrders?timestamp=1&signature=x", 40),
+        ("GET", "https://fapi.binance.com/fapi/v1/openOrders?symbol=BTCUSDT&timestamp=1", 1),
+        ("GET", "https://api.binance.com/api/v3/openOrders?timestamp=1", 80),
+        ("POST", "https://fapi.binance.com/fapi/v1/countdownCancelAll", 10),
+        ("DELETE", "https://fapi.binance.com/fapi/v1/allOpenOrders?symbol=BTCUSDT", 1),
+        ("GET", "https://fapi.binance.com/fapi/v3/positionRisk?timestamp=1", 5),
+    ],
+)
+def test_request_weights_follow_binance(method: str, url: str, weight: int) -> None:
+    assert request_weight(method, url) == weight
