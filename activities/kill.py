@@ -86,8 +86,9 @@ def as_application_error(error: VenueError | ConfigError, account: str) -> Appli
     """Temporal sees the domain class name and whether a retry can help; never a secret."""
     if isinstance(error, ConfigError):
         return ApplicationError(f"{account}: {error}", type="ConfigError", non_retryable=True)
+    kind = type(error).__name__
     return ApplicationError(
-        f"{account}: {error}", type=type(error).__name__, non_retryable=not error.retryable
+        f"{account}: {kind}: {error}", type=kind, non_retryable=not error.retryable
     )
 
 

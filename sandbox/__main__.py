@@ -31,6 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--admin-token", default=None, help="default: generated, in <state-dir>/admin_token"
     )
+    p.add_argument(
+        "--admin-token-file",
+        type=Path,
+        default=None,
+        help="read the admin token from this file (keeps it out of the process list)",
+    )
     p.add_argument("--fapi-weight-limit", type=int, default=2400)
     p.add_argument("--spot-weight-limit", type=int, default=6000)
     return p.parse_args(argv)
@@ -39,7 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def run(args: argparse.Namespace) -> int:
     state_dir: Path = args.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - before serving anything
-    token = args.admin_token or secrets.token_urlsafe(24)
+    token = args.admin_token
+    if args.admin_token_file is not None:
+        token = args.admin_token_file.read_text().strip()
+    token = token or secrets.token_urlsafe(24)
     token_file = state_dir / "admin_token"
     token_file.write_text(token)
     token_file.chmod(0o600)

@@ -336,7 +336,8 @@ def components(settings: Settings) -> list[Component]:
                 str(settings.dev_sandbox_admin_port),
                 "--state-dir",
                 str(sbx),
-                "--admin-token",
+                # A file, not the token: argv is visible to every user in the process list.
+                "--admin-token-file",
                 ADMIN_TOKEN_PLACEHOLDER,
             ],
             env=py_env,
@@ -506,8 +507,9 @@ def _spawn(settings: Settings, c: Component) -> int:
         c.ready_file.unlink(missing_ok=True)
     argv = list(c.argv)
     if ADMIN_TOKEN_PLACEHOLDER in argv:
-        token = _ensure_admin_token(settings)
-        argv = [token if a == ADMIN_TOKEN_PLACEHOLDER else a for a in argv]
+        _ensure_admin_token(settings)
+        token_file = str(admin_token_file(settings))
+        argv = [token_file if a == ADMIN_TOKEN_PLACEHOLDER else a for a in argv]
     env = dict(os.environ)
     for k, v in c.env.items():
         if v == "":

@@ -249,8 +249,9 @@ class KillSwitchWorkflow:
         done: dict[str, Any] = {}
         failures = []
         for account, result in zip(accounts, results, strict=True):
-            if isinstance(result, ActivityError):
-                cause = result.cause
+            # Activities fail as ActivityError(cause=…); local activities surface the cause itself.
+            if isinstance(result, ActivityError | ApplicationError):
+                cause = result.cause if isinstance(result, ActivityError) else result
                 message = cause.message if isinstance(cause, ApplicationError) else str(cause)
                 errors[account].append(f"{step.value}: {message}")
                 failures.append(account)

@@ -58,6 +58,7 @@ class FakeVenue:
     def activities(self) -> list:
         @activity.defn(name="halt_account")
         async def halt(r: HaltRequest) -> HaltResult:
+            self._maybe_fail("halt_account", r.account)
             return HaltResult(account=r.account, symbols_armed=["BTC/USDT:USDT"])
 
         @activity.defn(name="cancel_all")
@@ -176,3 +177,20 @@ def test_bad_input_is_refused_before_anything_starts() -> None:
         request("a", "a")
     with pytest.raises(ValidationError):
         KillSwitchInput(accounts=[], reason="x y z", requested_by="me")
+
+
+async def test_a_failed_halt_does_not_stop_the_kill(time_env) -> None:
+    venue = FakeVenue(fail={("halt_account", "a"): "a: AuthFailed: bad signature"})
+    report = await run_kill(time_env, venue, request("a"))
+    assert report.outcome is KillOutcome.VERIFIED
+    assert report.accounts[0].errors == ["halt: a: AuthFailed: bad signature"]
+    assert report.accounts[0].dead_man_symbols == 0
+
+
+async def test_an_account_failing_every_step_ends_unverified_not_failed(time_env) -> None:
+    venue = FakeVenue(
+        fail={("halt_account", "a"): "AuthFailed: x", ("cancel_all", "a"): "AuthFailed: x"}
+    )
+    report = await run_kill(time_env, venue, request("a"))
+    assert report.outcome is KillOutcome.UNVERIFIED
+    assert len(report.accounts[0].errors) == 2
