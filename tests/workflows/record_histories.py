@@ -1,0 +1,57 @@
+"""Record kill-switch histories for the replay test: ``python -m tests.workflows.record_histories``.
+
+Run it when the workflow changes *on purpose* (and version the change with ``workflow.patched``
+if old runs may still be open); the replay test then guards the new shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from temporalio.testing import WorkflowEnvironment
+
+from tests.helpers import new_worker
+from tests.workflows.test_kill_switch_logic import FakeVenue, long, request
+from worker.devstack import find_executable
+from worker.settings import Settings
+from worker.temporal_client import data_converter
+from workflows.kill_switch import KillSwitchWorkflow
+
+HISTORIES = Path(__file__).parent / "histories"
+
+SCENARIOS = {
+    "kill_switch_verified": (FakeVenue(), request("a", "b")),
+    "kill_switch_two_rounds_one_account_failing": (
+        FakeVenue(
+            positions={"a": [[long("ETH/USDT:USDT", "2")], []]},
+            fail={("cancel_all", "b"): "b: AuthFailed: Invalid API-key"},
+        ),
+        request("a", "b"),
+    ),
+}
+
+
+async def record() -> None:
+    settings = Settings(payload_key=None)  # histories are stored unencrypted, for replay in CI
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=str(find_executable("temporal-test-server")),
+        data_converter=data_converter(settings),
+    )
+    async with env:
+        for name, (venue, kill) in SCENARIOS.items():
+            async with new_worker(
+                env.client, KillSwitchWorkflow, activities=venue.activities()
+            ) as w:
+                handle = await env.client.start_workflow(
+                    KillSwitchWorkflow.run, kill, id=f"record-{name}", task_queue=w.task_queue
+                )
+                await handle.result()
+                (HISTORIES / f"{name}.json").write_text((await handle.fetch_history()).to_json())
+                print(f"recorded {name}")
+
+
+if __name__ == "__main__":
+    os.environ.pop("BREAKGLASS_PAYLOAD_KEY", None)
+    asyncio.run(record())

@@ -1,0 +1,31 @@
+"""Recorded kill-switch histories must replay against today's workflow code: a change that
+reorders commands (non-determinism) fails here, in CI, instead of in a running kill."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.worker import Replayer
+
+from worker.settings import Settings
+from worker.temporal_client import data_converter
+from workflows.kill_switch import KillSwitchWorkflow
+
+HISTORIES = {
+    p.stem: p.read_text() for p in sorted((Path(__file__).parent / "histories").glob("*.json"))
+}
+
+
+def test_histories_are_recorded() -> None:
+    assert len(HISTORIES) >= 2, "run python -m tests.workflows.record_histories"
+
+
+@pytest.mark.parametrize("name", sorted(HISTORIES))
+async def test_recorded_history_replays(name: str) -> None:
+    history = WorkflowHistory.from_json(f"replay-{name}", HISTORIES[name])
+    replayer = Replayer(
+        workflows=[KillSwitchWorkflow], data_converter=data_converter(Settings(payload_key=None))
+    )
+    await replayer.replay_workflow(history)
