@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -67,16 +68,99 @@ def unverified_positions(
     return [p for p in snapshot.positions if abs(p.quantity) > dust.get(_key(p), -1)]
 
 
+def unverified_reasons(
+    scope: KillScope, snapshot: VenueSnapshot, reported_dust: Sequence[Position]
+) -> list[str]:
+    """Why the venue's answer does not yet count as killed (empty: verified)."""
+    reasons = []
+    if snapshot.open_orders:
+        reasons.append(f"{len(snapshot.open_orders)} open orders")
+    if scope is KillScope.FLATTEN and (left := unverified_positions(snapshot, reported_dust)):
+        reasons.append(f"{len(left)} positions open")
+    return reasons
+
+
 def order_prefix(workflow_id: str, run_id: str, round_no: int) -> str:
     """Client-order-id prefix: the same for every retry of one round, new for each round/run."""
     digest = hashlib.sha256(f"{workflow_id}/{run_id}".encode()).hexdigest()[:10]
     return f"bg{digest}r{round_no}"
 
 
+@dataclass
+class _AccountRun:
+    """One account's way through the kill (workflow-local bookkeeping, never serialised)."""
+
+    report: AccountReport
+    rounds: int = 0
+    verified_at: datetime | None = None
+    armed: list[str] = field(default_factory=list)
+
+
+class _StepBoard:
+    """Step status aggregated over accounts that run their chains concurrently: a step is
+    running while any account is in it, and its times span the first start to the last end."""
+
+    def __init__(self, accounts: int) -> None:
+        self.accounts = accounts
+        self.steps = {step: StepStatus(step=step) for step in Step}
+        self._running: dict[Step, int] = dict.fromkeys(Step, 0)
+        self._done: dict[Step, set[str]] = {step: set() for step in Step}
+        self._failed: dict[Step, set[str]] = {step: set() for step in Step}
+
+    def enter(self, step: Step, account: str) -> None:
+        self._running[step] += 1
+        self._failed[step].discard(account)
+        current = self.steps[step]
+        self.steps[step] = current.model_copy(
+            update={
+                "state": StepState.RUNNING,
+                "started_at": current.started_at or workflow.now(),
+                "finished_at": None,
+            }
+        )
+        self._refresh(step)
+
+    def leave(self, step: Step, account: str, ok: bool, fatal: bool = True) -> None:
+        self._running[step] -= 1
+        (self._done if ok or not fatal else self._failed)[step].add(account)
+        if self._running[step] == 0:
+            self.steps[step] = self.steps[step].model_copy(update={"finished_at": workflow.now()})
+        self._refresh(step)
+
+    def set(self, step: Step, state: StepState, detail: str) -> None:
+        now = workflow.now()
+        current = self.steps[step]
+        self.steps[step] = current.model_copy(
+            update={
+                "state": state,
+                "detail": detail,
+                "started_at": current.started_at or now,
+                "finished_at": now if state is not StepState.RUNNING else None,
+            }
+        )
+
+    def _refresh(self, step: Step) -> None:
+        running, done, failed = self._running[step], self._done[step], self._failed[step]
+        if running:
+            state = StepState.RUNNING
+        elif failed:
+            state = StepState.FAILED
+        else:
+            state = StepState.DONE
+        parts = [f"{len(done)}/{self.accounts} done"]
+        if running:
+            parts.append(f"{running} running")
+        if failed:
+            parts.append("failed: " + ", ".join(sorted(failed)))
+        self.steps[step] = self.steps[step].model_copy(
+            update={"state": state, "detail": ", ".join(parts)}
+        )
+
+
 @workflow.defn(name="KillSwitch")
 class KillSwitchWorkflow:
     def __init__(self) -> None:
-        self._steps = {step: StepStatus(step=step) for step in Step}
+        self._board = _StepBoard(0)
         self._round = 0
         self._report: KillReport | None = None
 
@@ -85,7 +169,7 @@ class KillSwitchWorkflow:
         return KillStatus(
             workflow_id=workflow.info().workflow_id,
             round=self._round,
-            steps=list(self._steps.values()),
+            steps=list(self._board.steps.values()),
             report=self._report,
         )
 
@@ -93,184 +177,172 @@ class KillSwitchWorkflow:
     async def run(self, request: KillSwitchInput) -> KillReport:
         info = workflow.info()
         started = info.start_time
-        reports = {a: AccountReport(account=a) for a in request.accounts}
-        errors: dict[str, list[str]] = {a: [] for a in request.accounts}
-        live = list(request.accounts)  # accounts not yet failed for good
-        time_to_flat: float | None = None
-        dust: dict[str, list[Position]] = {a: [] for a in request.accounts}
+        self._board = _StepBoard(len(request.accounts))
+        if request.scope is KillScope.CANCEL_ONLY:
+            self._board.set(Step.FLATTEN, StepState.SKIPPED, "scope is cancel-only")
+        # Every account runs its own halt -> cancel -> flatten -> verify chain: a slow or broken
+        # venue never holds back the others' flatten.
+        runs = {a: _AccountRun(report=AccountReport(account=a)) for a in request.accounts}
+        await asyncio.gather(*(self._kill_account(request, runs[a]) for a in request.accounts))
 
-        halts = await self._run_step(
-            Step.HALT,
-            live,
-            lambda a: workflow.execute_local_activity(
-                "halt_account",
-                HaltRequest(account=a),
-                result_type=HaltResult,
-                start_to_close_timeout=timedelta(seconds=20),
-                retry_policy=RetryPolicy(maximum_attempts=3),
-            ),
-            errors,
-            # The dead-man switch is a safety net: without it the kill still goes on.
-            fatal=False,
-        )
-        for account, halt in halts.items():
-            reports[account] = reports[account].model_copy(
-                update={"dead_man_symbols": len(halt.symbols_armed)}
-            )
-
-        snapshots: dict[str, VenueSnapshot] = {}
-        for round_no in range(1, request.max_rounds + 1):
-            self._round = round_no
-            cancels = await self._run_step(
-                Step.CANCEL_ALL,
-                live,
-                lambda a: workflow.execute_activity(
-                    "cancel_all",
-                    CancelAllRequest(account=a, verify_deadline_s=request.verify_deadline_s),
-                    result_type=CancelAllResult,
-                    start_to_close_timeout=timedelta(seconds=request.verify_deadline_s + 60),
-                    heartbeat_timeout=HEARTBEAT_TIMEOUT,
-                    retry_policy=VENUE_RETRY,
-                ),
-                errors,
-            )
-            live = [a for a in live if a in cancels]
-            for account, cancel in cancels.items():
-                previous = reports[account]
-                reports[account] = previous.model_copy(
-                    update={
-                        "orders_found": previous.orders_found + cancel.orders_found,
-                        "orders_cancelled": previous.orders_cancelled + cancel.orders_cancelled,
-                        "orders_still_open": len(cancel.still_open),
-                    }
-                )
-
-            if request.scope is KillScope.FLATTEN:
-                prefix = order_prefix(info.workflow_id, info.run_id, round_no)
-                flattens = await self._run_step(
-                    Step.FLATTEN,
-                    live,
-                    lambda a, prefix=prefix: workflow.execute_activity(  # type: ignore[misc]
-                        "flatten",
-                        FlattenRequest(account=a, client_id_prefix=prefix),
-                        result_type=FlattenResult,
-                        start_to_close_timeout=timedelta(minutes=2),
-                        heartbeat_timeout=HEARTBEAT_TIMEOUT,
-                        retry_policy=VENUE_RETRY,
-                    ),
-                    errors,
-                )
-                live = [a for a in live if a in flattens]
-                for account, flat in flattens.items():
-                    previous = reports[account]
-                    dust[account] = flat.dust
-                    reports[account] = previous.model_copy(
-                        update={
-                            "positions_before": previous.positions_before or flat.positions_before,
-                            "positions_after": flat.positions_after,
-                            "dust": flat.dust,
-                            "flatten_orders": previous.flatten_orders + flat.orders,
-                        }
-                    )
-            else:
-                self._mark(Step.FLATTEN, StepState.SKIPPED, "scope is cancel-only")
-
-            snapshots = await self._run_step(
-                Step.VERIFY,
-                live,
-                lambda a: workflow.execute_local_activity(
-                    "snapshot_venue_state",
-                    AccountRequest(account=a),
-                    result_type=VenueSnapshot,
-                    start_to_close_timeout=timedelta(seconds=20),
-                    retry_policy=RetryPolicy(maximum_attempts=5),
-                ),
-                errors,
-            )
-            pending = self._unverified(request.scope, snapshots, dust)
-            if not pending and len(snapshots) == len(request.accounts):
-                time_to_flat = (workflow.now() - started).total_seconds()
-                self._mark(
-                    Step.VERIFY, StepState.DONE, f"verified on the venue in round {round_no}"
-                )
-                break
-            if len(snapshots) < len(request.accounts) and not pending:
-                break  # what is left failed for good; more rounds cannot help
-            self._mark(Step.VERIFY, StepState.FAILED, "not flat: " + ", ".join(pending))
-
-        for account, snapshot in snapshots.items():
-            reports[account] = reports[account].model_copy(
-                update={
-                    "orders_still_open": len(snapshot.open_orders),
-                    "positions_after": snapshot.positions + snapshot.dust,
-                }
-            )
-        outcome = KillOutcome.VERIFIED if time_to_flat is not None else KillOutcome.UNVERIFIED
-        if outcome is KillOutcome.VERIFIED:
-            released = await self._release_dead_man(halts)
-            for account in released:
-                reports[account] = reports[account].model_copy(update={"dead_man_released": True})
+        verified = all(r.verified_at is not None for r in runs.values())
+        time_to_flat = None
+        if verified:
+            last = max(r.verified_at for r in runs.values() if r.verified_at is not None)
+            time_to_flat = (last - started).total_seconds()
+            await self._release_dead_man(runs)
         report = KillReport(
             workflow_id=info.workflow_id,
             reason=request.reason,
             requested_by=request.requested_by,
             scope=request.scope,
-            outcome=outcome,
+            outcome=KillOutcome.VERIFIED if verified else KillOutcome.UNVERIFIED,
             started_at=started,
             finished_at=workflow.now(),
             time_to_flat_s=time_to_flat,
-            rounds=self._round,
-            accounts=[
-                reports[a].model_copy(update={"errors": errors[a]}) for a in request.accounts
-            ],
-            steps=list(self._steps.values()),
+            rounds=max(r.rounds for r in runs.values()),
+            accounts=[runs[a].report for a in request.accounts],
+            steps=list(self._board.steps.values()),
         )
         await self._notify(report)
         report = report.model_copy(
-            update={"finished_at": workflow.now(), "steps": list(self._steps.values())}
+            update={"finished_at": workflow.now(), "steps": list(self._board.steps.values())}
         )
         self._report = report
         return report
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ one account's chain
 
-    async def _run_step(
+    async def _kill_account(self, request: KillSwitchInput, run: _AccountRun) -> None:
+        account = run.report.account
+        info = workflow.info()
+        halt = await self._step(
+            Step.HALT,
+            run,
+            workflow.execute_local_activity(
+                "halt_account",
+                HaltRequest(account=account),
+                result_type=HaltResult,
+                start_to_close_timeout=timedelta(seconds=20),
+                retry_policy=RetryPolicy(maximum_attempts=3),
+            ),
+            # The dead-man switch is a safety net: without it the kill still goes on.
+            fatal=False,
+        )
+        if halt is not None:
+            run.armed = halt.symbols_armed
+            self._update(run, dead_man_symbols=len(halt.symbols_armed))
+
+        dust: list[Position] = []
+        for round_no in range(1, request.max_rounds + 1):
+            run.rounds = round_no
+            self._round = max(self._round, round_no)
+            cancel = await self._step(
+                Step.CANCEL_ALL,
+                run,
+                workflow.execute_activity(
+                    "cancel_all",
+                    CancelAllRequest(account=account, verify_deadline_s=request.verify_deadline_s),
+                    result_type=CancelAllResult,
+                    start_to_close_timeout=timedelta(seconds=request.verify_deadline_s + 60),
+                    heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                    retry_policy=VENUE_RETRY,
+                ),
+            )
+            if cancel is None:
+                return
+            self._update(
+                run,
+                orders_found=run.report.orders_found + cancel.orders_found,
+                orders_cancelled=run.report.orders_cancelled + cancel.orders_cancelled,
+                orders_still_open=len(cancel.still_open),
+            )
+            if request.scope is KillScope.FLATTEN:
+                flat = await self._step(
+                    Step.FLATTEN,
+                    run,
+                    workflow.execute_activity(
+                        "flatten",
+                        FlattenRequest(
+                            account=account,
+                            client_id_prefix=order_prefix(info.workflow_id, info.run_id, round_no),
+                        ),
+                        result_type=FlattenResult,
+                        start_to_close_timeout=timedelta(minutes=2),
+                        heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                        retry_policy=VENUE_RETRY,
+                    ),
+                )
+                if flat is None:
+                    return
+                dust = flat.dust
+                self._update(
+                    run,
+                    positions_before=run.report.positions_before or flat.positions_before,
+                    positions_after=flat.positions_after,
+                    dust=flat.dust,
+                    flatten_orders=run.report.flatten_orders + flat.orders,
+                )
+
+            def flat_enough(snap: VenueSnapshot, dust: list[Position] = dust) -> bool:
+                return not unverified_reasons(request.scope, snap, dust)
+
+            snapshot = await self._step(
+                Step.VERIFY,
+                run,
+                workflow.execute_local_activity(
+                    "snapshot_venue_state",
+                    AccountRequest(account=account),
+                    result_type=VenueSnapshot,
+                    start_to_close_timeout=timedelta(seconds=20),
+                    retry_policy=RetryPolicy(maximum_attempts=5),
+                ),
+                ok=flat_enough,
+            )
+            if snapshot is None:
+                return
+            self._update(
+                run,
+                orders_still_open=len(snapshot.open_orders),
+                positions_after=snapshot.positions + snapshot.dust,
+            )
+            if not unverified_reasons(request.scope, snapshot, dust):
+                run.verified_at = workflow.now()
+                return
+
+    async def _step(
         self,
         step: Step,
-        accounts: list[str],
-        call: Callable[[str], Awaitable[Any]],
-        errors: dict[str, list[str]],
+        run: _AccountRun,
+        call: Awaitable[Any],
         fatal: bool = True,
-    ) -> dict[str, Any]:
-        """Run one step for every account at once; an account that fails is recorded, not fatal
-        to the others. Returns the results of the accounts that succeeded."""
-        self._mark(step, StepState.RUNNING, f"round {self._round}" if self._round else "")
-        results = await asyncio.gather(*(call(a) for a in accounts), return_exceptions=True)
-        done: dict[str, Any] = {}
-        failures = []
-        for account, result in zip(accounts, results, strict=True):
+        ok: Callable[[Any], bool] = lambda _: True,
+    ) -> Any:
+        """Run one step for one account; a failure after retries is recorded in the account's
+        report (and ends its chain when ``fatal``), never raised into the other accounts."""
+        account = run.report.account
+        self._board.enter(step, account)
+        try:
+            result = await call
+        except (ActivityError, ApplicationError) as e:
             # Activities fail as ActivityError(cause=…); local activities surface the cause itself.
-            if isinstance(result, ActivityError | ApplicationError):
-                cause = result.cause if isinstance(result, ActivityError) else result
-                message = cause.message if isinstance(cause, ApplicationError) else str(cause)
-                errors[account].append(f"{step.value}: {message}")
-                failures.append(account)
-                if not fatal:
-                    workflow.logger.warning("step %s failed for %s (not fatal)", step, account)
-            elif isinstance(result, BaseException):
-                raise result
-            else:
-                done[account] = result
-        state = StepState.FAILED if failures and fatal else StepState.DONE
-        detail = f"failed: {', '.join(failures)}" if failures else f"{len(done)} account(s)"
-        self._mark(step, state, detail)
-        return done
+            cause = e.cause if isinstance(e, ActivityError) else e
+            message = cause.message if isinstance(cause, ApplicationError) else str(cause)
+            self._update(run, errors=[*run.report.errors, f"{step.value}: {message}"])
+            self._board.leave(step, account, ok=False, fatal=fatal)
+            return None
+        self._board.leave(step, account, ok=ok(result))
+        return result
 
-    async def _release_dead_man(self, halts: dict[str, HaltResult]) -> list[str]:
+    @staticmethod
+    def _update(run: _AccountRun, **fields: Any) -> None:
+        run.report = run.report.model_copy(update=fields)
+
+    async def _release_dead_man(self, runs: dict[str, _AccountRun]) -> None:
         """Disarm the countdowns armed by the halt: the account is verified flat, and a timer left
         running would cancel the orders of whatever trades next. Best effort: if this fails the
         timers simply run out."""
-        armed = {a: h.symbols_armed for a, h in halts.items() if h.symbols_armed}
+        armed = {a: r.armed for a, r in runs.items() if r.armed}
         results = await asyncio.gather(
             *(
                 workflow.execute_local_activity(
@@ -284,34 +356,12 @@ class KillSwitchWorkflow:
             ),
             return_exceptions=True,
         )
-        return [a for a, r in zip(armed, results, strict=True) if isinstance(r, HaltResult)]
-
-    def _mark(self, step: Step, state: StepState, detail: str = "") -> None:
-        current = self._steps[step]
-        now = workflow.now()
-        update: dict[str, Any] = {"state": state, "detail": detail}
-        if state is StepState.RUNNING and current.state is not StepState.RUNNING:
-            update["started_at"] = current.started_at or now
-            update["finished_at"] = None
-        if state in (StepState.DONE, StepState.FAILED, StepState.SKIPPED):
-            update["finished_at"] = now
-            update["started_at"] = current.started_at or now
-        self._steps[step] = current.model_copy(update=update)
-
-    @staticmethod
-    def _unverified(
-        scope: KillScope, snapshots: dict[str, VenueSnapshot], dust: dict[str, list[Position]]
-    ) -> list[str]:
-        pending = []
-        for account, snapshot in sorted(snapshots.items()):
-            if snapshot.open_orders:
-                pending.append(f"{account} ({len(snapshot.open_orders)} open orders)")
-            elif scope is KillScope.FLATTEN and unverified_positions(snapshot, dust[account]):
-                pending.append(f"{account} (positions open)")
-        return pending
+        for account, result in zip(armed, results, strict=True):
+            if isinstance(result, HaltResult):
+                self._update(runs[account], dead_man_released=True)
 
     async def _notify(self, report: KillReport) -> None:
-        self._mark(Step.NOTIFY, StepState.RUNNING)
+        self._board.set(Step.NOTIFY, StepState.RUNNING, "")
         names = [a.account for a in report.accounts]
         severity = "info" if report.outcome is KillOutcome.VERIFIED else "critical"
         try:
@@ -326,10 +376,10 @@ class KillSwitchWorkflow:
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=NOTIFY_RETRY,
             )
-            self._mark(Step.NOTIFY, StepState.DONE)
+            self._board.set(Step.NOTIFY, StepState.DONE, "")
         except ActivityError as e:
             # People not being told is bad; the kill being reported as failed for it is worse.
-            self._mark(Step.NOTIFY, StepState.FAILED, str(e.cause or e))
+            self._board.set(Step.NOTIFY, StepState.FAILED, str(e.cause or e))
 
 
 def summary(report: KillReport) -> str:
