@@ -68,6 +68,7 @@ from tests.fixtures.venues import Rig, SandboxAccount, accounts_yaml, assert_fla
 from worker.cli_kill import _start as cli_start_kill
 from worker.devstack import SEARCH_ATTRIBUTES, find_executable
 from worker.main import build_worker
+from worker.process import exit_now
 from worker.settings import Settings
 from worker.temporal_client import data_converter
 from workflows.kill_switch import unverified_positions
@@ -186,14 +187,7 @@ def make_pairs(count: int) -> list[list[SandboxAccount]]:
     for i in range(count):
         pair = []
         for side in "ab":
-            tag = secrets.token_hex(4).upper()
-            account = SandboxAccount(
-                name=f"k1r{i:02d}{side}",
-                api_key=secrets.token_hex(16),
-                secret=secrets.token_hex(32),
-                key_env=f"BG_BENCH_{tag}_KEY",
-                secret_env=f"BG_BENCH_{tag}_SECRET",
-            )
+            account = SandboxAccount.fresh(f"k1r{i:02d}{side}", "BG_BENCH")
             os.environ[account.key_env] = account.api_key
             os.environ[account.secret_env] = account.secret
             pair.append(account)
@@ -557,11 +551,7 @@ def main() -> None:
         rc = 0 if ok else 1
         print(last)
     finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        # The SDK can abort at interpreter exit (sdk-python #300); leaving through _exit avoids it.
-        os._exit(rc)
+        exit_now(rc)
 
 
 if __name__ == "__main__":

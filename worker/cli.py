@@ -8,8 +8,6 @@ uses ``app.add_typer(module.app, name=...)``; plain command functions use
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 import traceback
 
@@ -17,6 +15,7 @@ import typer
 
 from worker import cli_dev, cli_kill
 from worker.cli_common import exit_codes_help, register
+from worker.process import exit_now
 
 app = typer.Typer(
     name="breakglass",
@@ -51,10 +50,7 @@ def main() -> None:
     except Exception:
         traceback.print_exc()
         rc = 1
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(rc)
+    exit_now(rc)
 
 
 if __name__ == "__main__":

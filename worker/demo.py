@@ -8,7 +8,6 @@ stops it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import secrets
@@ -22,6 +21,7 @@ from sandbox.admin_client import AdminError, SandboxAdmin
 from sandbox.seed import BookSpec, SeedAccount, seed_book
 from worker import devstack
 from worker.cli_common import console, err_console
+from worker.process import exit_now
 from worker.settings import Settings
 from workflows.shared import kill_workflow_id
 
@@ -147,10 +147,7 @@ def main() -> None:
     except devstack.DevStackError as e:
         err_console.print(f"error: {e}", markup=False)
         code = 3
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
-        sys.stderr.flush()
-    os._exit(code)
+    exit_now(code)
 
 
 if __name__ == "__main__":

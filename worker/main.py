@@ -6,7 +6,6 @@ Run as ``python -m worker.main``; settings come from the environment (``BREAKGLA
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -22,6 +21,7 @@ from activities.accounts import ConfigError, load_accounts
 from activities.kill import KillActivities
 from activities.notify import ConsoleNotifier, Notifier, NotifyActivities
 from activities.venues import VenueGateway
+from worker.process import exit_now
 from worker.settings import Settings
 from worker.temporal_client import TemporalUnreachable, connect
 from workflows.kill_switch import KillSwitchWorkflow
@@ -97,11 +97,7 @@ def main() -> None:
     except (ConfigError, TemporalUnreachable) as e:
         print(f"breakglass worker: {e}", file=sys.stderr)
         rc = 2
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
-        sys.stderr.flush()
-    # The SDK can abort at interpreter exit (sdk-python #300); leaving through _exit avoids it.
-    os._exit(rc)
+    exit_now(rc)
 
 
 if __name__ == "__main__":
