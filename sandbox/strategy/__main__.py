@@ -1,0 +1,42 @@
+"""``python -m sandbox.strategy --release DIR --config FILE``: run one release of the strategy.
+
+Credentials come from the environment variables the config names, never from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from sandbox.strategy.app import main
+
+
+def cli(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sandbox.strategy", description=__doc__)
+    p.add_argument(
+        "--release",
+        "--release-dir",
+        dest="release",
+        type=Path,
+        required=True,
+        help="release directory holding release.json",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("STRATEGY_CONFIG"),
+        help="strategy config JSON (env STRATEGY_CONFIG)",
+    )
+    args = p.parse_args(argv)
+    if args.config is None:
+        p.error("--config (or STRATEGY_CONFIG) is required")
+    # supervisord stops programs with SIGTERM: leave through the normal cleanup path.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    return main(args.release.resolve(), args.config)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

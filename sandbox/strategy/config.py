@@ -1,0 +1,90 @@
+"""The strategy's configuration (a JSON file) and its release manifest (release.json)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Fault(StrEnum):
+    """What a release does wrong, on purpose: the failures rollbacks are rehearsed against."""
+
+    NONE = "none"
+    REJECT_STORM = "reject-storm"
+    """Sends orders below the venue's minimum notional: every one is rejected."""
+    LATENCY = "latency"
+    """Takes ``latency_fault_s`` to decide before every order."""
+    OVERSIZED = "oversized"
+    """Orders ``oversize_factor`` times its position cap."""
+    CRASH_LOOP = "crash-loop"
+    """Exits with code 3 shortly after start."""
+
+
+class Release(BaseModel):
+    """``release.json`` of one immutable release directory."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    strategy: str
+    version: str
+    fault: Fault = Fault.NONE
+    created: datetime
+    entrypoint: list[str] = Field(default_factory=lambda: ["-m", "sandbox.strategy"])
+    """Arguments after the interpreter; the launcher adds ``--release <dir>``."""
+
+    @classmethod
+    def load(cls, release_dir: Path) -> Release:
+        return cls.model_validate_json((release_dir / "release.json").read_text())
+
+
+class StrategyConfig(BaseModel):
+    """Where the strategy trades and keeps its state; secrets are named here, read from env."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = "sample"
+    """Strategy name (client order ids start with ``client_id_prefix``)."""
+    exchange_address: str
+    """``127.0.0.1:PORT`` of the sandbox's TLS trading API (ccxt keeps Binance's real URLs)."""
+    ca_file: Path
+    """The sandbox CA certificate."""
+    api_key_env: str = "STRATEGY_API_KEY"
+    """Environment variable holding the API key (never passed on the command line)."""
+    secret_env: str = "STRATEGY_API_SECRET"
+    """Environment variable holding the API secret."""
+    feed_url: str
+    """Price feed: the sandbox's ``/admin/prices`` base URL (it has no public ticker)."""
+    feed_token_env: str = "STRATEGY_FEED_TOKEN"
+    """Environment variable holding the feed's bearer token."""
+    db: str
+    """SQLite file path, or a ``postgresql://`` DSN."""
+    http_host: str = "127.0.0.1"
+    http_port: int = 0
+    """Port of /healthz and /metrics (0 picks a free one, written to ``port_file``)."""
+    port_file: Path | None = None
+    symbols: list[str] = Field(default_factory=lambda: ["BTCUSDT", "ETHUSDT"])
+    """Binance ids of the USDⓈ-M perpetuals quoted."""
+    client_id_prefix: str = "sg"
+    loop_interval_s: float = 0.5
+    quote_offset_bps: Decimal = Decimal(3)
+    """Distance of each quote from the feed price: close enough to fill in a test run."""
+    requote_bps: Decimal = Decimal(10)
+    """A resting quote further than this from where it would go now is cancelled and replaced."""
+    order_notional: Decimal = Decimal(150)
+    """USDT per quote (rounded down to the lot step, at least the venue minimum)."""
+    max_position_notional: Decimal = Decimal(600)
+    """Position cap per symbol: no quote that would grow a position beyond it."""
+    feed_stale_s: float = 3.0
+    """/healthz fails once the last good price is older than this."""
+    loop_stale_s: float = 5.0
+    """/healthz fails once the last finished loop is older than this."""
+    latency_fault_s: float = 1.2
+    oversize_factor: Decimal = Decimal(20)
+    crash_after_s: float = 0.5
+
+    @classmethod
+    def load(cls, path: Path) -> StrategyConfig:
+        return cls.model_validate(json.loads(path.read_text()))

@@ -1,0 +1,239 @@
+"""The strategy's database and its trading state (ACTIVE / REDUCING / HALTED).
+
+The strategy re-reads the state from here every loop, so an operator or an activity freezes it by
+writing the database: ``set_trading_state(db, TradingState.HALTED, who, why)``. ``db`` is a SQLite
+path or a ``postgresql://`` DSN (psycopg 3). Every change records who, when and why; setting the
+current state again changes nothing and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class TradingState(StrEnum):
+    ACTIVE = "ACTIVE"
+    """Quote both sides within the position caps."""
+    REDUCING = "REDUCING"
+    """Only reduce-only orders; resting entry orders are cancelled."""
+    HALTED = "HALTED"
+    """No orders at all; resting orders are cancelled."""
+
+
+class TradingStateRecord(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    state: TradingState
+    changed_by: str
+    changed_at: datetime
+    reason: str
+
+
+class StateChange(BaseModel):
+    """Answer of :func:`set_trading_state`: ``changed=False`` when the state already held."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    changed: bool
+    previous: TradingStateRecord
+    current: TradingStateRecord
+    message: str
+
+
+DbRef = str | os.PathLike[str]
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS trading_state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    state TEXT NOT NULL, changed_by TEXT NOT NULL, changed_at TEXT NOT NULL, reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS trading_state_changes (
+    id {serial}, at TEXT NOT NULL, from_state TEXT, to_state TEXT NOT NULL,
+    who TEXT NOT NULL, why TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS orders (
+    client_order_id TEXT PRIMARY KEY, order_id TEXT, symbol TEXT NOT NULL, side TEXT NOT NULL,
+    qty TEXT NOT NULL, price TEXT, reduce_only INTEGER NOT NULL, status TEXT NOT NULL,
+    filled TEXT NOT NULL, version TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fills (
+    id {serial}, client_order_id TEXT NOT NULL, symbol TEXT NOT NULL, side TEXT NOT NULL,
+    qty TEXT NOT NULL, price TEXT NOT NULL, at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS positions (
+    symbol TEXT PRIMARY KEY, qty TEXT NOT NULL, entry_price TEXT NOT NULL, mark_price TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pnl (
+    id INTEGER PRIMARY KEY CHECK (id = 1), total TEXT NOT NULL, updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id {serial}, version TEXT NOT NULL, pid INTEGER NOT NULL, started_at TEXT NOT NULL
+);
+"""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Database:
+    """One SQLite file or PostgreSQL database; a fresh connection per transaction.
+
+    A connection per transaction keeps "DB reachable" honest for the health check and lets the
+    database restart under a running strategy. SQL is written with ``?`` placeholders.
+    """
+
+    def __init__(self, ref: DbRef) -> None:
+        text = os.fspath(ref)
+        self.is_postgres = text.startswith(("postgresql://", "postgres://"))
+        self.ref = text
+
+    def __repr__(self) -> str:
+        # A DSN may carry a password: show only the backend.
+        return f"Database({'postgresql' if self.is_postgres else self.ref!r})"
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[_Cursor]:
+        if self.is_postgres:
+            import psycopg  # only the PostgreSQL path needs the driver
+
+            with psycopg.connect(self.ref, connect_timeout=3) as conn, conn.cursor() as cur:
+                yield _Cursor(cur, postgres=True)
+            return
+        Path(self.ref).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.ref, timeout=5, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield _Cursor(conn.cursor(), postgres=False)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def init_schema(self) -> None:
+        serial = "BIGSERIAL PRIMARY KEY" if self.is_postgres else "INTEGER PRIMARY KEY"
+        with self.transaction() as cur:
+            for statement in _SCHEMA.format(serial=serial).split(";"):
+                if statement.strip():
+                    cur.execute(statement)
+            now = utcnow().isoformat()
+            cur.execute(
+                "INSERT INTO trading_state (id, state, changed_by, changed_at, reason) "
+                "VALUES (1, ?, 'strategy', ?, 'initial state') ON CONFLICT (id) DO NOTHING",
+                (TradingState.ACTIVE.value, now),
+            )
+
+
+class _Cursor:
+    """The little both drivers share, with ``?`` placeholders for both."""
+
+    def __init__(self, cur: Any, *, postgres: bool) -> None:
+        self._cur = cur
+        self._postgres = postgres
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> _Cursor:
+        if self._postgres:
+            sql = sql.replace("?", "%s")
+        self._cur.execute(sql, tuple(params))
+        return self
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        row = self._cur.fetchone()
+        return tuple(row) if row is not None else None
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self._cur.fetchall()]
+
+
+def _as_db(db: DbRef | Database) -> Database:
+    return db if isinstance(db, Database) else Database(db)
+
+
+def _read(cur: _Cursor, lock: bool) -> TradingStateRecord:
+    sql = "SELECT state, changed_by, changed_at, reason FROM trading_state WHERE id = 1"
+    row = cur.execute(sql + (" FOR UPDATE" if lock and cur._postgres else "")).fetchone()
+    if row is None:
+        raise LookupError("trading_state has no row: the schema was never initialised")
+    return TradingStateRecord(
+        state=TradingState(row[0]),
+        changed_by=row[1],
+        changed_at=datetime.fromisoformat(row[2]),
+        reason=row[3],
+    )
+
+
+def get_trading_state(db: DbRef | Database) -> TradingStateRecord:
+    """The state the strategy obeys on its next loop (creates the schema if missing)."""
+    db = _as_db(db)
+    try:
+        with db.transaction() as cur:
+            return _read(cur, lock=False)
+    except (sqlite3.OperationalError, LookupError):
+        if db.is_postgres:
+            raise
+        db.init_schema()
+        with db.transaction() as cur:
+            return _read(cur, lock=False)
+
+
+def set_trading_state(
+    db: DbRef | Database, state: TradingState | str, who: str, why: str
+) -> StateChange:
+    """Set the state; a no-op (``changed=False``, saying so) when it already holds."""
+    if not who.strip() or not why.strip():
+        raise ValueError("a trading state change needs who and why")
+    db = _as_db(db)
+    target = TradingState(state)
+    try:
+        get_trading_state(db)
+    except Exception:
+        db.init_schema()
+    with db.transaction() as cur:
+        before = _read(cur, lock=True)
+        if before.state == target:
+            return StateChange(
+                changed=False,
+                previous=before,
+                current=before,
+                message=(
+                    f"already {target.value} (set by {before.changed_by} at "
+                    f"{before.changed_at.isoformat()}: {before.reason}); nothing changed"
+                ),
+            )
+        after = TradingStateRecord(state=target, changed_by=who, changed_at=utcnow(), reason=why)
+        cur.execute(
+            "UPDATE trading_state SET state = ?, changed_by = ?, changed_at = ?, reason = ? "
+            "WHERE id = 1",
+            (target.value, who, after.changed_at.isoformat(), why),
+        )
+        cur.execute(
+            "INSERT INTO trading_state_changes (at, from_state, to_state, who, why) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (after.changed_at.isoformat(), before.state.value, target.value, who, why),
+        )
+    return StateChange(
+        changed=True,
+        previous=before,
+        current=after,
+        message=f"{before.state.value} -> {target.value} by {who}: {why}",
+    )
+
+
+def state_history(db: DbRef | Database) -> list[tuple[str, str | None, str, str, str]]:
+    """Every recorded change, oldest first: (at, from, to, who, why)."""
+    with _as_db(db).transaction() as cur:
+        rows = cur.execute(
+            "SELECT at, from_state, to_state, who, why FROM trading_state_changes ORDER BY id"
+        ).fetchall()
+    return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
