@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from enum import StrEnum
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -48,6 +49,17 @@ HEARTBEAT_EVERY_S = 1.0
 MAX_FLATTEN_PASSES = 20
 """Partial and racing fills each cost a pass; past this the workflow's next round takes over."""
 REQUERY_INTERVAL_S = 0.2
+
+
+class NotSent(StrEnum):
+    """Why a flatten pass has no accepted order for a position (the next pass re-reads)."""
+
+    DUST = "dust"
+    """Below the venue's minimum: reported, never retried."""
+    REJECTED_REDUCE_ONLY = "rejected-reduce-only"
+    """The venue saw nothing left to reduce."""
+    OUTCOME_UNKNOWN = "outcome-unknown"
+    """Timed out or failed: maybe applied, so never resent blindly."""
 
 
 def client_order_id(prefix: str, symbol: str, position_side: str | None, pass_no: int) -> str:
@@ -231,7 +243,7 @@ class KillActivities:
                     for (position, _), outcome in zip(work, sent, strict=True):
                         if isinstance(outcome, FlattenOrder):
                             orders.append(outcome)
-                        elif outcome == "dust":
+                        elif outcome is NotSent.DUST:
                             venue_said_dust.add((position.symbol, position.position_side))
                     if not any(isinstance(o, FlattenOrder) for o in sent):
                         await asyncio.sleep(REQUERY_INTERVAL_S)  # let an unknown outcome settle
@@ -278,7 +290,7 @@ class KillActivities:
         quantity: Decimal,
         pass_no: dict[tuple[str, str | None], int],
         resumed: bool,
-    ) -> FlattenOrder | str:
+    ) -> FlattenOrder | NotSent:
         """Send (at most) one closing order for one position; returns the order, or why not."""
         key = (position.symbol, position.position_side)
         number = pass_no.get(key, 0)
@@ -292,13 +304,13 @@ class KillActivities:
         try:
             return await venue.close_position(position, quantity, cid)
         except BelowMinimum:
-            return "dust"
+            return NotSent.DUST
         except (ReduceOnlyRejected, OrderGone):
-            return "re-read"  # most likely flat already; the next pass reads the truth
+            return NotSent.REJECTED_REDUCE_ONLY  # most likely flat already: re-read
         except (OutcomeUnknown, VenueUnavailable) as e:
             # Maybe applied: never resend this order; the next pass re-reads and decides.
             log.info("flatten %s %s: %s (re-reading)", venue.name, cid, e)
-            return "unknown"
+            return NotSent.OUTCOME_UNKNOWN
 
     # ------------------------------------------------------------------ look
 

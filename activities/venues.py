@@ -23,10 +23,7 @@ import ccxt.async_support as ccxt
 
 from activities.accounts import Account, AccountsFile, ApiCredentials, Route, read_credentials
 from activities.errors import (
-    BelowMinimum,
     OrderGone,
-    OutcomeUnknown,
-    VenueError,
     translate,
 )
 from activities.ratelimit import WeightLimiter, limiter_trace
@@ -316,14 +313,3 @@ class VenueGateway:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-__all__ = [
-    "BelowMinimum",
-    "LotRules",
-    "OutcomeUnknown",
-    "VenueError",
-    "VenueGateway",
-    "VenueSession",
-    "utcnow",
-]
