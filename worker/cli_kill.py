@@ -31,10 +31,10 @@ from temporalio.common import (
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.accounts import ConfigError, load_accounts
-from worker.cli_common import abort, console, load_settings, run_async
+from worker.cli_common import abort, console, err_console, load_settings, run_async
 from worker.render import report_view, steps_table
 from worker.settings import Settings
-from worker.temporal_client import TemporalUnreachable, connect
+from worker.temporal_client import TemporalUnreachable, connect, live_pollers
 from workflows.kill_switch import KillSwitchWorkflow
 from workflows.shared import (
     ExitCode,
@@ -165,6 +165,13 @@ def kill(
     async def go() -> ExitCode:
         client = await _connect(settings)
         handle = await _start(client, request, settings)
+        if not await live_pollers(client, settings.task_queue):
+            # Started and durable, but nothing will happen until a worker runs: say so loudly.
+            err_console.print(
+                f"warning: no worker is polling task queue {settings.task_queue!r}: the kill is "
+                "queued and runs as soon as a worker starts (breakglass dev up, or deploy one)",
+                markup=False,
+            )
         if detach:
             print(handle.id)
             return ExitCode.OK

@@ -7,10 +7,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import temporalio.client
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
 from temporalio.runtime import Runtime
@@ -119,3 +123,23 @@ async def connect(
     except Exception as e:
         reason = _one_line(e)
     raise TemporalUnreachable(f"cannot reach Temporal at {address} (namespace {ns}): {reason}")
+
+
+async def live_pollers(
+    client: temporalio.client.Client, task_queue: str, within_s: float = 70.0
+) -> int:
+    """Workers that polled ``task_queue`` for workflow tasks within the last ``within_s`` seconds.
+
+    The server keeps a dead worker listed for minutes; a live one long-polls at least every
+    minute, so recent access is what tells them apart.
+    """
+    answer = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace=client.namespace,
+            task_queue=TaskQueue(name=task_queue),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+        ),
+        timeout=timedelta(seconds=5),
+    )
+    cutoff = time.time() - within_s
+    return sum(1 for p in answer.pollers if p.last_access_time.ToSeconds() >= cutoff)

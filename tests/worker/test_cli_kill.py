@@ -189,3 +189,19 @@ def test_help_documents_exit_codes() -> None:
     )
     assert out.returncode == 0
     assert "--account" in out.stdout and "--reason" in out.stdout
+
+
+async def test_kill_without_a_worker_warns_and_stays_queued(
+    dev_env: WorkflowEnvironment, make_rig: MakeRig
+) -> None:
+    rig = await make_rig(n=1, create=True)
+    env = cli_env(rig, dev_env, fresh_id("tq-nobody"))
+    run = await breakglass(
+        "kill", "--account", rig.accounts[0].futures, "--reason", "no worker", "--detach", env=env
+    )
+    assert run.code == ExitCode.OK
+    assert "no worker is polling task queue" in run.err
+    workflow_id = run.out.strip()
+    status = await breakglass("status", workflow_id, env=env)
+    assert status.code == ExitCode.OK and "running" in status.out
+    await dev_env.client.get_workflow_handle(workflow_id).terminate("test over")
