@@ -281,6 +281,7 @@ async def restore(ref: DatabaseRef, artifact: Path, drop: list[str]) -> None:
                 "--clean",
                 "--if-exists",
                 "--exit-on-error",
+                "--file=-",
                 str(artifact),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=write_end,

@@ -81,19 +81,6 @@ def restore(artifact: Path, target: Path) -> None:
         raise _mapped(e, f"restore into {target}") from e
 
 
-def _canonical(value: object) -> object:
-    """A JSON value that says both the storage class and the exact value."""
-    if value is None:
-        return None
-    if isinstance(value, bool | int):
-        return f"i:{int(value)}"
-    if isinstance(value, float):
-        return f"f:{value.hex()}"
-    if isinstance(value, bytes):
-        return f"b:{value.hex()}"
-    return f"s:{value}"
-
-
 def _table_rows(conn: sqlite3.Connection, table: str) -> tuple[list[str], Iterator[tuple]]:
     info = conn.execute(f"PRAGMA table_info({_quote(table)})").fetchall()
     columns = [str(row[1]) for row in info]
@@ -125,8 +112,8 @@ def content_digest(path: Path) -> tuple[str, list[str], int]:
                 digest.update(json.dumps({"table": table, "columns": columns}).encode() + b"\n")
                 for row in cursor:
                     rows += 1
-                    line = json.dumps([_canonical(v) for v in row], ensure_ascii=False)
-                    digest.update(line.encode() + b"\n")
+                    # repr tells int, float (shortest exact form), text, blob and NULL apart.
+                    digest.update(repr(row).encode("utf-8", "surrogatepass") + b"\n")
             conn.execute("COMMIT")
         finally:
             conn.close()

@@ -60,4 +60,4 @@ def scrub(message: str, *secrets: str | None) -> str:
 def as_application_error(error: SnapshotError) -> ApplicationError:
     """Temporal sees the domain class name and whether a retry can help."""
     kind = type(error).__name__
-    return ApplicationError(f"{kind}: {error}", type=kind, non_retryable=not error.retryable)
+    return ApplicationError(str(error), type=kind, non_retryable=not error.retryable)
