@@ -70,7 +70,7 @@ class SupervisorTarget:
         port_file: Path | None = None,
         python: str = sys.executable,
         workdir: Path = REPO,
-        start_secs: int = 1,
+        start_secs: int = 2,
     ) -> None:
         for part in (ref.strategy, ref.env):
             if not NAME_OK.match(part):
@@ -375,7 +375,7 @@ stdout_logfile={self.state_dir}/logs/{version}.log
             )
 
         url = self._url()
-        if process_state != "RUNNING" or url is None:
+        if process_state not in ("STARTING", "RUNNING") or url is None:
             return report(False, detail=f"process {process_state or 'absent'}")
         try:
             async with (

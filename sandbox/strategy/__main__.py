@@ -6,12 +6,14 @@ Credentials come from the environment variables the config names, never from the
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
-from sandbox.strategy.app import main
+CRASH_AFTER_S = 0.5
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -33,6 +35,14 @@ def cli(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.config is None:
         p.error("--config (or STRATEGY_CONFIG) is required")
+    release = json.loads((args.release / "release.json").read_text())
+    if release.get("fault") == "crash-loop":
+        # Before the heavy imports: crashes well inside any supervisor's start window.
+        time.sleep(CRASH_AFTER_S)
+        print("crash-loop release: exiting on purpose", file=sys.stderr, flush=True)
+        return 3
+    from sandbox.strategy.app import main  # ccxt takes a second to import
+
     # supervisord stops programs with SIGTERM: leave through the normal cleanup path.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     return main(args.release.resolve(), args.config)

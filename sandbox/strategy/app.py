@@ -134,16 +134,9 @@ class Strategy:
         )
         feed = PriceFeed(cfg.feed_url, _env(cfg.feed_token_env))
         runner = await self._serve()
-        started = time.monotonic()
         try:
             await self.exchange.load_markets()
             while True:
-                if (
-                    self.release.fault == Fault.CRASH_LOOP
-                    and time.monotonic() - started > cfg.crash_after_s
-                ):
-                    log.error("crash-loop release: exiting on purpose")
-                    raise SystemExit(3)
                 t0 = time.monotonic()
                 await self.loop_once(feed)
                 await asyncio.sleep(max(0.0, cfg.loop_interval_s - (time.monotonic() - t0)))

@@ -83,7 +83,6 @@ class StrategyConfig(BaseModel):
     """/healthz fails once the last finished loop is older than this."""
     latency_fault_s: float = 1.2
     oversize_factor: Decimal = Decimal(20)
-    crash_after_s: float = 0.5
 
     @classmethod
     def load(cls, path: Path) -> StrategyConfig:
