@@ -126,6 +126,7 @@ async def test_activate_v1_v2_then_previous_one_version_at_a_time(rig: Rig) -> N
         await assert_eventually(lambda: healthy(target, "2.0"), timeout=15)
         back = await target.activate((await target.previous()) or "", reason="rollback")
         await assert_eventually(lambda: healthy(target, "1.0"), timeout=15)
+    print(f"switch 1.0->2.0 {second.switch_s}s, 2.0->1.0 {back.switch_s}s")
     assert poller.samples > 20 and poller.max_alive == 1
     assert second.previous == "1.0" and second.running_versions == ["2.0"]
     assert back.version == "1.0" and back.previous == "2.0"
