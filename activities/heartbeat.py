@@ -1,7 +1,7 @@
-"""Background heartbeats for activities whose work runs in a thread or a subprocess.
+"""Background heartbeats for activities whose work blocks: venue calls, threads, subprocesses.
 
-(The kill activities carry the same helper; this copy keeps ccxt out of the snapshot worker's
-import path.)"""
+A slow call must not look like a dead worker, so beats do not wait for the work's loop.
+It imports no vendor client, so every activity module can use it."""
 
 from __future__ import annotations
 

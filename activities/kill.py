@@ -8,11 +8,9 @@ replay an activity from an old heartbeat.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from enum import StrEnum
 
@@ -28,6 +26,7 @@ from activities.errors import (
     VenueError,
     VenueUnavailable,
 )
+from activities.heartbeat import heartbeating
 from activities.venues import VenueGateway, VenueSession, utcnow
 from workflows.shared import (
     AccountRequest,
@@ -45,7 +44,6 @@ from workflows.shared import (
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_EVERY_S = 1.0
 MAX_FLATTEN_PASSES = 20
 """Partial and racing fills each cost a pass; past this the workflow's next round takes over."""
 REQUERY_INTERVAL_S = 0.2
@@ -71,27 +69,6 @@ def client_order_id(prefix: str, symbol: str, position_side: str | None, pass_no
     leg = f"{symbol}/{position_side or ''}"
     digest = hashlib.sha256(leg.encode()).hexdigest()[:8]
     return f"{prefix}-{digest}-{pass_no}"
-
-
-@contextlib.asynccontextmanager
-async def heartbeating(progress: dict[str, object]) -> AsyncIterator[None]:
-    """Heartbeat in the background with the latest progress while the body runs.
-
-    A slow venue call must not look like a dead worker, so beats do not wait for the loop.
-    """
-
-    async def beat() -> None:
-        while True:
-            activity.heartbeat(dict(progress))
-            await asyncio.sleep(HEARTBEAT_EVERY_S)
-
-    task = asyncio.create_task(beat())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def as_application_error(error: VenueError | ConfigError, account: str) -> ApplicationError:

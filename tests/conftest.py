@@ -1,3 +1,8 @@
 """Shared fixtures: the sandbox exchange and the Temporal servers, each in its own module."""
 
-pytest_plugins = ["tests.fixtures.sandbox", "tests.fixtures.temporal", "tests.fixtures.venues"]
+pytest_plugins = [
+    "tests.fixtures.sandbox",
+    "tests.fixtures.temporal",
+    "tests.fixtures.venues",
+    "tests.fixtures.postgres",
+]
