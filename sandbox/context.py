@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from sandbox.engine import Account, Engine, VenueError
+from sandbox.engine import Account, Engine, VenueError, now_ms
+from sandbox.markets import BY_SYMBOL
 
 
 @dataclass
@@ -30,6 +31,13 @@ class Ctx:
     def str(self, name: str) -> str | None:
         v = self.params.get(name)
         return v if v not in (None, "") else None
+
+    def symbol(self, required: bool = True) -> str | None:
+        """The ``symbol`` parameter, checked against the listed markets."""
+        sym = self.need("symbol") if required else self.str("symbol")
+        if sym is not None and sym not in BY_SYMBOL:
+            raise VenueError(-1121, "Invalid symbol.")
+        return sym
 
     def need(self, name: str) -> str:
         v = self.str(name)
@@ -90,3 +98,13 @@ class Route:
     path: str
     handler: Handler
     signed: bool = True
+
+
+def server_time(ctx: Ctx) -> object:
+    """``GET /time`` (spot and futures alike)."""
+    return {"serverTime": now_ms()}
+
+
+def ping(ctx: Ctx) -> object:
+    """``GET /ping`` (spot and futures alike)."""
+    return {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from sandbox.context import Ctx, Route
+from sandbox.context import Ctx, Route, ping, server_time
 from sandbox.engine import Account, NewOrder, Order, Position, VenueError, now_ms
 from sandbox.markets import BY_SYMBOL, fmt, futures_exchange_info
 
@@ -71,27 +71,12 @@ def render_algo(o: Order) -> dict[str, object]:
     }
 
 
-def _symbol(ctx: Ctx, required: bool = True) -> str | None:
-    sym = ctx.need("symbol") if required else ctx.str("symbol")
-    if sym is not None and sym not in BY_SYMBOL:
-        raise VenueError(-1121, "Invalid symbol.")
-    return sym
-
-
 def exchange_info(ctx: Ctx) -> object:
     return futures_exchange_info(now_ms(), ctx.weight_limit)
 
 
-def server_time(ctx: Ctx) -> object:
-    return {"serverTime": now_ms()}
-
-
-def ping(ctx: Ctx) -> object:
-    return {}
-
-
 def _new_order(ctx: Ctx, algo: bool) -> NewOrder:
-    sym = _symbol(ctx)
+    sym = ctx.symbol()
     assert sym is not None
     key = "orderType" if algo and ctx.str("orderType") else "type"
     return NewOrder(
@@ -128,7 +113,7 @@ def new_order(ctx: Ctx) -> object:
 
 
 def _lookup(ctx: Ctx, algo: bool = False) -> Order | None:
-    sym = _symbol(ctx)
+    sym = ctx.symbol()
     assert sym is not None
     oid = ctx.int("algoId" if algo else "orderId")
     cid = ctx.str("clientAlgoId" if algo else "origClientOrderId")
@@ -149,7 +134,7 @@ def cancel_order(ctx: Ctx) -> object:
 
 
 def batch_cancel(ctx: Ctx) -> object:
-    sym = _symbol(ctx)
+    sym = ctx.symbol()
     assert sym is not None
     ids = ctx.json_list("orderidlist") or ctx.json_list("orderIdList")
     cids = ctx.json_list("origclientorderidlist") or ctx.json_list("origClientOrderIdList")
@@ -172,7 +157,7 @@ def batch_cancel(ctx: Ctx) -> object:
 
 
 def cancel_all(ctx: Ctx) -> object:
-    sym = _symbol(ctx)
+    sym = ctx.symbol()
     assert sym is not None
     ctx.engine.cancel_symbol(ctx.acct, "futures", sym, race=ctx.race)
     return {"code": 200, "msg": "The operation of cancel all open order is done."}
@@ -180,7 +165,8 @@ def cancel_all(ctx: Ctx) -> object:
 
 def open_orders(ctx: Ctx) -> object:
     return [
-        render_order(o) for o in ctx.engine.open_orders(ctx.acct, "futures", _symbol(ctx, False))
+        render_order(o)
+        for o in ctx.engine.open_orders(ctx.acct, "futures", ctx.symbol(required=False))
     ]
 
 
@@ -222,7 +208,7 @@ def _live_positions(acct: Account, symbol: str | None) -> list[Position]:
 
 
 def position_risk(ctx: Ctx) -> object:
-    sym = _symbol(ctx, False)
+    sym = ctx.symbol(required=False)
     return [_position_row(ctx, p) for p in _live_positions(ctx.acct, sym)]
 
 
@@ -284,7 +270,7 @@ def account(ctx: Ctx) -> object:
 
 
 def leverage_bracket(ctx: Ctx) -> object:
-    sym = _symbol(ctx, False)
+    sym = ctx.symbol(required=False)
     tiers = [
         (1, 50, 50_000, 0, "0.004"),
         (2, 25, 250_000, 50_000, "0.005"),
@@ -327,7 +313,7 @@ def set_dual(ctx: Ctx) -> object:
 
 
 def countdown(ctx: Ctx) -> object:
-    sym = _symbol(ctx)
+    sym = ctx.symbol()
     assert sym is not None
     ms = ctx.int("countdownTime")
     if ms is None or ms < 0:
@@ -371,12 +357,12 @@ def cancel_algo(ctx: Ctx) -> object:
 
 
 def open_algos(ctx: Ctx) -> object:
-    sym = _symbol(ctx, False)
+    sym = ctx.symbol(required=False)
     return [render_algo(o) for o in ctx.engine.open_orders(ctx.acct, "futures", sym, algo=True)]
 
 
 def cancel_all_algos(ctx: Ctx) -> object:
-    sym = _symbol(ctx)
+    sym = ctx.symbol()
     assert sym is not None
     ctx.engine.cancel_symbol(ctx.acct, "futures", sym, algo=True)
     return {"code": 200, "msg": "The operation of cancel all open order is done."}

@@ -6,7 +6,7 @@ import secrets
 import zlib
 from decimal import Decimal
 
-from sandbox.context import Ctx, Route
+from sandbox.context import Ctx, Route, ping, server_time
 from sandbox.engine import Fill, NewOrder, Order, VenueError, now_ms
 from sandbox.markets import BY_SYMBOL, spot_exchange_info
 
@@ -85,27 +85,12 @@ def render_cancel(o: Order, cancel_cid: str) -> dict[str, object]:
     return out
 
 
-def _symbol(ctx: Ctx, required: bool = True) -> str | None:
-    sym = ctx.need("symbol") if required else ctx.str("symbol")
-    if sym is not None and sym not in BY_SYMBOL:
-        raise VenueError(-1121, "Invalid symbol.")
-    return sym
-
-
 def exchange_info(ctx: Ctx) -> object:
     return spot_exchange_info(now_ms(), ctx.weight_limit)
 
 
-def server_time(ctx: Ctx) -> object:
-    return {"serverTime": now_ms()}
-
-
-def ping(ctx: Ctx) -> object:
-    return {}
-
-
 def new_order(ctx: Ctx) -> object:
-    sym = _symbol(ctx)
+    sym = ctx.symbol()
     assert sym is not None
     req = NewOrder(
         venue="spot",
@@ -128,7 +113,7 @@ def new_order(ctx: Ctx) -> object:
 
 
 def _lookup(ctx: Ctx) -> Order | None:
-    sym = _symbol(ctx)
+    sym = ctx.symbol()
     assert sym is not None
     oid = ctx.int("orderId")
     cid = ctx.str("origClientOrderId")
@@ -152,11 +137,14 @@ def cancel_order(ctx: Ctx) -> object:
 
 
 def open_orders(ctx: Ctx) -> object:
-    return [render_query(o) for o in ctx.engine.open_orders(ctx.acct, "spot", _symbol(ctx, False))]
+    return [
+        render_query(o)
+        for o in ctx.engine.open_orders(ctx.acct, "spot", ctx.symbol(required=False))
+    ]
 
 
 def cancel_open(ctx: Ctx) -> object:
-    sym = _symbol(ctx)
+    sym = ctx.symbol()
     assert sym is not None
     cancelled = ctx.engine.cancel_symbol(ctx.acct, "spot", sym, race=ctx.race)
     if not cancelled:
