@@ -1,0 +1,449 @@
+"""The rollback saga: freeze → stop → cancel_all → flatten (per policy) → restore → activate →
+health → notify, for one strategy in one environment.
+
+Orders are cancelled and positions flattened by the kill switch itself, run as child workflows,
+so there is one implementation of the money-safety rules. If a step fails for good, the saga
+stops in a safe state (trading HALTED, the bad version stopped, every order cancelled) and says
+exactly where it stopped; it never starts a second version while another one runs (the deploy
+target stops before it starts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
+
+with workflow.unsafe.imports_passed_through():
+    from workflows.deploy_models import (
+        ActivateRequest,
+        ActivationRecord,
+        HealthReport,
+        HealthRequest,
+        StopRequest,
+        StopResult,
+    )
+    from workflows.kill_switch import KillSwitchWorkflow
+    from workflows.rollback_models import (
+        ApprovalDecision,
+        ApprovalState,
+        FlattenPolicy,
+        RollbackInput,
+        RollbackOutcome,
+        RollbackPlan,
+        RollbackReport,
+        RollbackStatus,
+        RollbackStep,
+        TimelineEntry,
+        TradingState,
+        TradingStateChange,
+        TradingStateRequest,
+    )
+    from workflows.shared import (
+        KillOutcome,
+        KillReport,
+        KillScope,
+        KillSwitchInput,
+        NotifyRequest,
+        StepState,
+    )
+    from workflows.snapshot_models import RestoreRequest, RestoreResult
+
+STEP_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=15),
+    maximum_attempts=10,
+)
+NOTIFY_RETRY = RetryPolicy(maximum_attempts=3, maximum_interval=timedelta(seconds=5))
+HEALTH_POLL = timedelta(seconds=1)
+
+
+class StepFailed(Exception):
+    """A saga step failed after its retries (workflow-internal)."""
+
+    def __init__(self, step: RollbackStep, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+def _message(error: BaseException) -> str:
+    cause: BaseException | None = error
+    while isinstance(cause, ActivityError | ChildWorkflowError) and cause.cause is not None:
+        cause = cause.cause
+    return cause.message if isinstance(cause, ApplicationError) else str(cause)
+
+
+@workflow.defn(name="Rollback")
+class RollbackWorkflow:
+    def __init__(self) -> None:
+        self._input: RollbackInput | None = None
+        self._plan: RollbackPlan | None = None
+        self._current: RollbackStep | None = None
+        self._timeline: list[TimelineEntry] = []
+        self._awaiting_approval = False
+        self._approval = ApprovalState()
+        self._report: RollbackReport | None = None
+        self._told: list[asyncio.Task[Any]] = []
+
+    # ------------------------------------------------------------------ messages
+
+    @workflow.query(name="status")
+    def status(self) -> RollbackStatus:
+        return RollbackStatus(
+            workflow_id=workflow.info().workflow_id,
+            current=self._current,
+            awaiting_approval=self._awaiting_approval,
+            approvals=self._approval.approvals,
+            timeline=self._timeline,
+            report=self._report,
+        )
+
+    @workflow.update(name="approve_flatten")
+    async def approve_flatten(self, decision: ApprovalDecision) -> ApprovalState:
+        if decision.approve:
+            approvals = [*self._approval.approvals, decision.approver]
+            plan = self._plan
+            decided = plan is not None and len(set(approvals)) >= plan.quorum
+            self._approval = ApprovalState(approvals=approvals, decided=decided)
+        else:
+            self._approval = ApprovalState(
+                approvals=self._approval.approvals, rejected_by=decision.approver, decided=True
+            )
+        return self._approval
+
+    @approve_flatten.validator
+    def _validate_approval(self, decision: ApprovalDecision) -> None:
+        """Refused here, a request never enters history (four eyes, runbook approvers only)."""
+        plan, request = self._plan, self._input
+        if plan is None or request is None or not self._awaiting_approval:
+            raise ApplicationError("no flatten approval is pending", type="NotPending")
+        if decision.approver == request.requested_by:
+            raise ApplicationError(
+                "the requester cannot approve their own rollback", type="Unauthorized"
+            )
+        if decision.approver not in plan.approvers:
+            raise ApplicationError(
+                f"{decision.approver!r} is not an approver of {plan.ref}", type="Unauthorized"
+            )
+        if decision.approver in self._approval.approvals:
+            raise ApplicationError(f"{decision.approver!r} already approved", type="Duplicate")
+
+    # ------------------------------------------------------------------ the saga
+
+    @workflow.run
+    async def run(self, request: RollbackInput) -> RollbackReport:
+        self._input = request
+        info = workflow.info()
+        report = RollbackReport(
+            workflow_id=info.workflow_id,
+            strategy=request.strategy,
+            env=request.env,
+            reason=request.reason,
+            requested_by=request.requested_by,
+            outcome=RollbackOutcome.ROLLED_BACK,
+        )
+        try:
+            report = await self._saga(request, report)
+        except StepFailed as failure:
+            report = await self._safe_stop(request, report, failure)
+        await self._notify(report)
+        await asyncio.gather(*self._told, return_exceptions=True)
+        self._report = report.model_copy(update={"timeline": self._timeline})
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self._report
+
+    async def _saga(self, request: RollbackInput, report: RollbackReport) -> RollbackReport:
+        plan = await self._run(
+            RollbackStep.PLAN,
+            workflow.execute_activity(
+                "plan_rollback",
+                request,
+                result_type=RollbackPlan,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_attempts=3),
+            ),
+            lambda p: f"{p.version_from} -> {p.version_to}, snapshot {p.snapshot.id}",
+        )
+        self._plan = plan
+        report = report.model_copy(
+            update={
+                "version_from": plan.version_from,
+                "version_to": plan.version_to,
+                "snapshot_id": plan.snapshot.id,
+            }
+        )
+        why = f"rollback {workflow.info().workflow_id}: {request.reason}"
+        # Soft stop first (only reducing orders), then hard stop: the strategy obeys its database.
+        for state in (TradingState.REDUCING, TradingState.HALTED):
+            await self._set_trading_state(plan, state, request.requested_by, why)
+        await self._run(
+            RollbackStep.STOP,
+            self._activity("stop_strategy", StopRequest(ref=plan.ref, reason=why), StopResult),
+            lambda r: f"stopped {', '.join(r.stopped_versions) or 'nothing (none running)'}",
+        )
+        kill = await self._kill(plan, request, KillScope.CANCEL_ONLY, RollbackStep.CANCEL_ALL)
+        report = report.model_copy(update={"kills": [kill]})
+        flatten, kills = await self._flatten(plan, request)
+        report = report.model_copy(
+            update={
+                "flatten": flatten,
+                "kills": report.kills + kills,
+                "approvals": self._approval.approvals,
+            }
+        )
+        await self._run(
+            RollbackStep.RESTORE,
+            self._activity(
+                "restore_state_db",
+                RestoreRequest(
+                    snapshot_id=plan.snapshot.id,
+                    strategy=plan.ref.strategy,
+                    env=plan.ref.env,
+                    database=plan.database,
+                    reason=why,
+                ),
+                RestoreResult,
+                timeout=timedelta(minutes=30),
+            ),
+            lambda r: f"content {r.content_checksum[:12]} ({'restored' if r.changed else 'same'})",
+        )
+        # The restored database carries the trading state of its time: hold it HALTED until the
+        # previous version is up and healthy, then let it trade.
+        await self._set_trading_state(plan, TradingState.HALTED, request.requested_by, why)
+        await self._run(
+            RollbackStep.ACTIVATE,
+            self._activity(
+                "activate_version",
+                ActivateRequest(
+                    ref=plan.ref,
+                    version=plan.version_to,
+                    requested_by=request.requested_by,
+                    reason=why,
+                ),
+                ActivationRecord,
+            ),
+            lambda r: f"{r.version} running ({r.switch_s:.2f}s switch)",
+        )
+        await self._wait_healthy(plan)
+        await self._set_trading_state(plan, TradingState.ACTIVE, request.requested_by, why)
+        return report
+
+    # ------------------------------------------------------------------ steps
+
+    async def _flatten(
+        self, plan: RollbackPlan, request: RollbackInput
+    ) -> tuple[str, list[KillReport]]:
+        policy = plan.flatten
+        if policy is FlattenPolicy.HOLD:
+            self._mark(RollbackStep.FLATTEN, StepState.SKIPPED, "held: runbook policy is hold")
+            return "held (policy)", []
+        if policy is FlattenPolicy.APPROVE:
+            self._awaiting_approval = True
+            self._mark(
+                RollbackStep.FLATTEN,
+                StepState.RUNNING,
+                f"awaiting {plan.quorum} approval(s) from {', '.join(plan.approvers)}",
+            )
+            try:
+                await workflow.wait_condition(
+                    lambda: self._approval.decided,
+                    timeout=timedelta(seconds=plan.approval_timeout_s),
+                )
+            except TimeoutError:
+                self._awaiting_approval = False
+                if plan.on_timeout == "hold":
+                    self._mark(RollbackStep.FLATTEN, StepState.SKIPPED, "held: approval timed out")
+                    return "held (approval timed out)", []
+                self._mark(
+                    RollbackStep.FLATTEN, StepState.RUNNING, "approval timed out: runbook flattens"
+                )
+            self._awaiting_approval = False
+            if self._approval.rejected_by is not None:
+                detail = f"held: rejected by {self._approval.rejected_by}"
+                self._mark(RollbackStep.FLATTEN, StepState.SKIPPED, detail)
+                return f"held (rejected by {self._approval.rejected_by})", []
+        kill = await self._kill(plan, request, KillScope.FLATTEN, RollbackStep.FLATTEN)
+        return "flattened", [kill]
+
+    async def _kill(
+        self, plan: RollbackPlan, request: RollbackInput, scope: KillScope, step: RollbackStep
+    ) -> KillReport:
+        """The kill switch as a child: one implementation of cancel/flatten and their checks."""
+        info = workflow.info()
+        kill = await self._run(
+            step,
+            workflow.execute_child_workflow(
+                KillSwitchWorkflow.run,
+                KillSwitchInput(
+                    accounts=plan.accounts,
+                    scope=scope,
+                    reason=f"rollback {plan.ref}: {request.reason}",
+                    requested_by=request.requested_by,
+                ),
+                id=f"{info.workflow_id}/{step.value}",
+                execution_timeout=timedelta(minutes=30),
+            ),
+            lambda k: f"{k.outcome.value} in {k.time_to_flat_s or 0:.2f}s",
+        )
+        if kill.outcome is not KillOutcome.VERIFIED:
+            problems = "; ".join(e for a in kill.accounts for e in a.errors) or "not verified"
+            raise StepFailed(step, f"kill {kill.outcome.value}: {problems}")
+        return kill
+
+    async def _wait_healthy(self, plan: RollbackPlan) -> None:
+        self._mark(RollbackStep.HEALTH, StepState.RUNNING)
+        deadline = workflow.now() + timedelta(seconds=plan.health_timeout_s)
+        last: HealthReport | None = None
+        while workflow.now() < deadline:
+            last = await self._activity(
+                "check_health",
+                HealthRequest(ref=plan.ref),
+                HealthReport,
+                timeout=timedelta(seconds=30),
+            )
+            if last.healthy and last.version == plan.version_to:
+                self._mark(RollbackStep.HEALTH, StepState.DONE, f"{last.version} healthy")
+                return
+            await workflow.sleep(HEALTH_POLL)
+        detail = last.detail if last else "no answer"
+        self._mark(RollbackStep.HEALTH, StepState.FAILED, detail)
+        raise StepFailed(RollbackStep.HEALTH, f"{plan.version_to} not healthy: {detail}")
+
+    async def _set_trading_state(
+        self, plan: RollbackPlan, state: TradingState, who: str, why: str
+    ) -> TradingStateChange:
+        return await self._run(
+            RollbackStep.FREEZE,
+            self._activity(
+                "set_trading_state",
+                TradingStateRequest(database=plan.database, state=state, who=who, why=why),
+                TradingStateChange,
+            ),
+            lambda c: c.message,
+        )
+
+    async def _safe_stop(
+        self, request: RollbackInput, report: RollbackReport, failure: StepFailed
+    ) -> RollbackReport:
+        """Leave the system where nobody is hurt: HALTED, not running, nothing open. Each part
+        is best effort and recorded; the report names the step that failed and why."""
+        plan = self._plan
+        notes = [f"{failure.step.value} failed: {failure}"]
+        if plan is not None:
+            why = f"rollback {workflow.info().workflow_id} stopped safely: {failure}"
+            parts: list[tuple[str, Any]] = [
+                (
+                    "halt",
+                    self._activity(
+                        "set_trading_state",
+                        TradingStateRequest(
+                            database=plan.database,
+                            state=TradingState.HALTED,
+                            who=request.requested_by,
+                            why=why,
+                        ),
+                        TradingStateChange,
+                    ),
+                ),
+                (
+                    "stop",
+                    self._activity(
+                        "stop_strategy", StopRequest(ref=plan.ref, reason=why), StopResult
+                    ),
+                ),
+            ]
+            for name, call in parts:
+                try:
+                    await call
+                except (ActivityError, ApplicationError) as e:
+                    notes.append(f"{name} failed too: {_message(e)}")
+            # Cancelling again is harmless and guarantees "no orders" whatever step failed.
+            try:
+                await self._kill(plan, request, KillScope.CANCEL_ONLY, RollbackStep.CANCEL_ALL)
+            except StepFailed as e:
+                notes.append(f"cancel-all failed too: {e}")
+        return report.model_copy(
+            update={
+                "outcome": RollbackOutcome.SAFE_STOP,
+                "failed_step": failure.step,
+                "error": " | ".join(notes),
+            }
+        )
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _activity(
+        self, name: str, arg: Any, result_type: type, timeout: timedelta = timedelta(minutes=2)
+    ) -> Any:
+        return workflow.execute_activity(
+            name,
+            arg,
+            result_type=result_type,
+            start_to_close_timeout=timeout,
+            heartbeat_timeout=timedelta(seconds=30),
+            retry_policy=STEP_RETRY,
+        )
+
+    async def _run(self, step: RollbackStep, call: Any, describe: Any) -> Any:
+        self._current = step
+        self._mark(step, StepState.RUNNING)
+        try:
+            result = await call
+        except (ActivityError, ChildWorkflowError, ApplicationError) as e:
+            self._mark(step, StepState.FAILED, _message(e))
+            raise StepFailed(step, _message(e)) from None
+        self._mark(step, StepState.DONE, describe(result))
+        return result
+
+    def _mark(self, step: RollbackStep, state: StepState, detail: str = "") -> None:
+        self._timeline.append(
+            TimelineEntry(step=step, state=state, at=workflow.now(), detail=detail)
+        )
+        if state is not StepState.RUNNING or step is RollbackStep.FLATTEN:
+            self._tell(f"{step.value}: {state.value}" + (f" — {detail}" if detail else ""))
+
+    def _tell(self, text: str) -> None:
+        """Tell people about a step without waiting on the channel: the saga never blocks on
+        Slack; the notifications are collected before the workflow ends."""
+        request = self._input
+        title = f"Rollback {request.strategy}/{request.env}" if request else "Rollback"
+        self._told.append(
+            asyncio.ensure_future(
+                workflow.execute_activity(
+                    "notify",
+                    NotifyRequest(title=title, text=text),
+                    result_type=int,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=NOTIFY_RETRY,
+                )
+            )
+        )
+
+    async def _notify(self, report: RollbackReport) -> None:
+        verb = "rolled back" if report.outcome is RollbackOutcome.ROLLED_BACK else "STOPPED SAFELY"
+        text = (
+            f"{report.strategy}/{report.env} {verb}: {report.version_from} -> {report.version_to}; "
+            f"positions {report.flatten or 'untouched'}; {report.error}".rstrip("; ")
+        )
+        try:
+            await workflow.execute_activity(
+                "notify",
+                NotifyRequest(
+                    title=f"Rollback {report.outcome.value}: {report.strategy}/{report.env}",
+                    text=text,
+                    severity="info"
+                    if report.outcome is RollbackOutcome.ROLLED_BACK
+                    else "critical",
+                ),
+                result_type=int,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=NOTIFY_RETRY,
+            )
+            self._mark(RollbackStep.NOTIFY, StepState.DONE)
+        except ActivityError as e:
+            self._mark(RollbackStep.NOTIFY, StepState.FAILED, _message(e))
