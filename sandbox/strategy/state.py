@@ -108,18 +108,18 @@ class Database:
                 yield _Cursor(cur, postgres=True)
             return
         Path(self.ref).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.ref, timeout=5, isolation_level=None)
+        lite = sqlite3.connect(self.ref, timeout=5, isolation_level=None)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("BEGIN IMMEDIATE")
+            lite.execute("PRAGMA journal_mode=WAL")
+            lite.execute("BEGIN IMMEDIATE")
             try:
-                yield _Cursor(conn.cursor(), postgres=False)
+                yield _Cursor(lite.cursor(), postgres=False)
             except BaseException:
-                conn.execute("ROLLBACK")
+                lite.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
+            lite.execute("COMMIT")
         finally:
-            conn.close()
+            lite.close()
 
     def init_schema(self) -> None:
         serial = "BIGSERIAL PRIMARY KEY" if self.is_postgres else "INTEGER PRIMARY KEY"
