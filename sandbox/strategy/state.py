@@ -92,7 +92,10 @@ class Database:
 
     def __init__(self, ref: DbRef) -> None:
         text = os.fspath(ref)
-        self.is_postgres = text.startswith(("postgresql://", "postgres://"))
+        # A URI or a libpq key=value conninfo ("host=… dbname=…"): never mistake one for a path.
+        self.is_postgres = text.startswith(("postgresql://", "postgres://")) or (
+            "=" in text and any(k in text for k in ("dbname=", "host=", "user="))
+        )
         self.ref = text
 
     def __repr__(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psycopg
 import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
@@ -38,7 +39,9 @@ async def test_postgres_freeze(pg_database: str) -> None:
     database = DatabaseRef(kind=DatabaseKind.POSTGRES, dsn=pg_database)
     change = await freeze(database, TradingState.HALTED)
     assert change.changed
-    assert get_trading_state(pg_database).state == "HALTED"
+    with psycopg.connect(pg_database) as conn:  # in that database, not a file named like it
+        row = conn.execute("SELECT state, changed_by FROM trading_state").fetchone()
+    assert row == ("HALTED", "alice")
 
 
 async def test_missing_password_variable_is_a_clear_non_retryable_error() -> None:
