@@ -13,7 +13,7 @@ import traceback
 
 import typer
 
-from worker import cli_dev, cli_kill
+from worker import cli_dev, cli_kill, cli_runbook
 from worker.cli_common import exit_codes_help, register
 from worker.process import exit_now
 
@@ -28,6 +28,7 @@ app = typer.Typer(
 )
 
 app.add_typer(cli_dev.app, name="dev")
+app.add_typer(cli_runbook.app, name="runbook")
 register(app, cli_kill.kill, cli_kill.status)
 
 

@@ -1,0 +1,266 @@
+"""A runbook: how breakglass operates one strategy in one environment, read from YAML.
+
+One file per strategy × env under ``runbooks/`` (e.g. ``runbooks/sample-prod.yaml``). It names the
+accounts the system trades on, where it is deployed, its state database, and the policies of the
+rollback saga (snapshots, flattening, approvals, step timeouts, health check). Every field has a
+safe default; cross-field rules are checked here so that a bad runbook is refused by
+``breakglass runbook validate`` long before an incident. Errors read ``file:line: field: message``.
+
+Secrets are never written in a runbook: databases name the environment variable of their password.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from activities.accounts import ConfigError, _line_of, load_accounts, parse_yaml_model
+from workflows.deploy_models import StrategyRef
+from workflows.shared import ACCOUNT_NAME_PATTERN
+from workflows.snapshot_models import NAME_PATTERN, DatabaseRef
+
+APPROVER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}$"
+"""Approver names: a user handle or e-mail address."""
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+def _refuse(message: str) -> PydanticCustomError:
+    """A validation error whose message is shown as is (no ``Value error,`` prefix)."""
+    return PydanticCustomError("runbook", message)
+
+
+class SupervisorTarget(_Config):
+    """The strategy runs under a supervisord owned by breakglass, one release folder per version."""
+
+    kind: Literal["supervisor"] = "supervisor"
+    """Deploy target kind; only ``supervisor`` exists today."""
+    releases_root: Path
+    """Folder holding ``<strategy>/<version>/`` release folders (required)."""
+    state_dir: Path
+    """The target's own folder: supervisord config and socket, ``current`` link, deploy record
+    (required; keep the path short, it holds a unix socket)."""
+    strategy_config: Path
+    """The strategy's config file passed to every release (required)."""
+    http_port: int = Field(default=0, ge=0, le=65535)
+    """Port of the strategy's /healthz; 0 (default): the strategy picks one and writes it to
+    ``port_file``."""
+    port_file: Path | None = Field(default=None, validate_default=True)
+    """Where the strategy writes its HTTP port (required when ``http_port`` is 0)."""
+    start_secs: int = Field(default=2, ge=0, le=300)
+    """Seconds a program must stay up before supervisord calls it started (default 2)."""
+
+    @field_validator("port_file")
+    @classmethod
+    def _port_known(cls, port_file: Path | None, info: ValidationInfo) -> Path | None:
+        if port_file is None and info.data.get("http_port") == 0:
+            raise _refuse("http_port is 0 (the strategy picks a port): name the port_file")
+        return port_file
+
+
+class SnapshotPolicy(_Config):
+    before_deploy: bool = True
+    """Snapshot the state database before every deploy and rollback (default: yes)."""
+    keep: int = Field(default=20, ge=1, le=1000)
+    """Snapshots kept per strategy × env; older ones are pruned (default 20, at least 1)."""
+
+
+class FlattenMode(StrEnum):
+    AUTO = "auto"
+    """Flatten positions right after cancelling orders, without asking."""
+    APPROVE = "approve"
+    """Ask the approvers; on timeout do what ``on_timeout`` says (the default)."""
+    HOLD = "hold"
+    """Never flatten: keep positions (orders are still cancelled)."""
+
+
+class TimeoutAction(StrEnum):
+    FLATTEN = "flatten"
+    """No answer in time: flatten anyway."""
+    HOLD = "hold"
+    """No answer in time: keep positions and page a human (the default)."""
+
+
+class FlattenPolicy(_Config):
+    mode: FlattenMode = FlattenMode.APPROVE
+    """``auto``, ``approve`` (default: a human decides) or ``hold``."""
+    approval_timeout_s: int = Field(default=600, ge=30, le=86_400)
+    """How long an approval is waited for (default 600 s; 30 s to 24 h)."""
+    on_timeout: TimeoutAction = TimeoutAction.HOLD
+    """What happens when nobody approves in time (default ``hold``: no unapproved trades)."""
+
+    @field_validator("on_timeout")
+    @classmethod
+    def _consistent(cls, on_timeout: TimeoutAction, info: ValidationInfo) -> TimeoutAction:
+        if on_timeout is TimeoutAction.FLATTEN and info.data.get("mode") is FlattenMode.HOLD:
+            raise _refuse(
+                "on_timeout: flatten contradicts mode: hold (hold never flattens); "
+                "use mode: approve or on_timeout: hold"
+            )
+        return on_timeout
+
+
+class StepTimeouts(_Config):
+    """Start-to-close timeout of each saga step, in seconds (each bounded to 1 s … 2 h)."""
+
+    snapshot_s: int = Field(default=600, ge=1, le=7200)
+    """Taking a snapshot of the state database (default 600)."""
+    restore_s: int = Field(default=900, ge=1, le=7200)
+    """Restoring a snapshot (default 900)."""
+    activate_s: int = Field(default=300, ge=1, le=7200)
+    """Switching the target to a version and starting it (default 300)."""
+    stop_s: int = Field(default=120, ge=1, le=7200)
+    """Stopping the running version (default 120)."""
+    cancel_s: int = Field(default=300, ge=1, le=7200)
+    """Cancelling every open order (default 300)."""
+    flatten_s: int = Field(default=600, ge=1, le=7200)
+    """Flattening positions, once decided (default 600)."""
+
+
+class HealthCheck(_Config):
+    path: str = Field(default="/healthz", pattern=r"^/[\x21-\x7e]{0,200}$")
+    """HTTP path of the strategy's health endpoint (default ``/healthz``)."""
+    timeout_s: int = Field(default=60, ge=1, le=1800)
+    """How long a new version has to report healthy before the step fails (default 60)."""
+    interval_s: float = Field(default=1.0, gt=0, le=60)
+    """Pause between health probes (default 1 s)."""
+
+
+class Runbook(_Config):
+    """How breakglass operates one strategy in one environment."""
+
+    strategy: str = Field(pattern=NAME_PATTERN)
+    """Strategy name, e.g. ``sample`` (required; lowercase, digits, ``_.-``)."""
+    env: str = Field(pattern=NAME_PATTERN)
+    """Environment, e.g. ``staging`` or ``prod`` (required)."""
+    accounts: list[str] = Field(min_length=1)
+    """Accounts the strategy trades on, by name in the accounts file (required, at least one)."""
+    target: SupervisorTarget
+    """Where and how the strategy is deployed (required)."""
+    database: DatabaseRef
+    """The strategy's state database: sqlite ``path``, or postgres ``dsn`` without a password plus
+    ``password_env`` (required)."""
+    snapshot: SnapshotPolicy = Field(default_factory=SnapshotPolicy)
+    """Snapshot policy (default: before every deploy, keep 20)."""
+    approvers: list[str] = []
+    """Who may approve (default none); at least one when any policy needs approval."""
+    quorum: int = Field(default=1, ge=1, le=20)
+    """Distinct approvals needed (default 1); at most the number of approvers."""
+    flatten: FlattenPolicy = Field(default_factory=FlattenPolicy, validate_default=True)
+    """Flatten policy (default: ask the approvers, hold on timeout)."""
+    timeouts: StepTimeouts = Field(default_factory=StepTimeouts)
+    """Per step timeouts (defaults as documented on each step)."""
+    health: HealthCheck = Field(default_factory=HealthCheck)
+    """Health check of a freshly activated version (default ``/healthz`` within 60 s)."""
+
+    @property
+    def ref(self) -> StrategyRef:
+        return StrategyRef(strategy=self.strategy, env=self.env)
+
+    @property
+    def needs_approval(self) -> bool:
+        """True when some policy waits for a human decision."""
+        return self.flatten.mode is FlattenMode.APPROVE
+
+    @field_validator("accounts")
+    @classmethod
+    def _account_names(cls, accounts: list[str]) -> list[str]:
+        import re
+
+        for name in accounts:
+            if not re.match(ACCOUNT_NAME_PATTERN, name):
+                raise _refuse(f"account name {name!r} must match {ACCOUNT_NAME_PATTERN}")
+        _unique(accounts, "account")
+        return accounts
+
+    @field_validator("approvers")
+    @classmethod
+    def _approver_names(cls, approvers: list[str]) -> list[str]:
+        import re
+
+        for name in approvers:
+            if not re.match(APPROVER_PATTERN, name):
+                raise _refuse(f"approver name {name!r} must match {APPROVER_PATTERN}")
+        _unique(approvers, "approver")
+        return approvers
+
+    @field_validator("quorum")
+    @classmethod
+    def _quorum_fits(cls, quorum: int, info: ValidationInfo) -> int:
+        approvers = info.data.get("approvers")
+        if approvers and quorum > len(approvers):
+            raise _refuse(
+                f"quorum {quorum} is larger than the {len(approvers)} approver(s): "
+                "an approval could never be reached"
+            )
+        return quorum
+
+    @field_validator("flatten")
+    @classmethod
+    def _approvers_exist(cls, flatten: FlattenPolicy, info: ValidationInfo) -> FlattenPolicy:
+        approvers = info.data.get("approvers")
+        if flatten.mode is FlattenMode.APPROVE and approvers is not None and not approvers:
+            raise _refuse(
+                "mode: approve needs at least one name in approvers "
+                "(or choose mode: auto or mode: hold)"
+            )
+        return flatten
+
+
+def _unique(names: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise _refuse(f"{what} {name!r} is listed twice")
+        seen.add(name)
+
+
+def load_runbook(path: Path) -> Runbook:
+    """Parse and validate a runbook file; any error names the file, line and field."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    return parse_yaml_model(Runbook, text, path)
+
+
+def check_accounts(runbook: Runbook, accounts_file: Path, runbook_path: Path) -> list[str]:
+    """Problems (``file:line: accounts.N: message``) for account names the accounts file lacks.
+
+    Raises ``ConfigError`` when the accounts file itself cannot be read or is invalid.
+    """
+    known = load_accounts(accounts_file).accounts
+    unknown = [(i, name) for i, name in enumerate(runbook.accounts) if name not in known]
+    if not unknown:
+        return []
+    try:
+        node = yaml.compose(runbook_path.read_text(), Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError):
+        node = None
+    names = ", ".join(sorted(known)) or "none"
+    return [
+        f"{runbook_path}:{_line_of(node, ['accounts', str(i)])}: accounts.{i}: "
+        f"unknown account {name!r} in {accounts_file} (known: {names})"
+        for i, name in unknown
+    ]
+
+
+def runbook_json_schema() -> dict[str, Any]:
+    """JSON Schema of a runbook file, for editors (``breakglass runbook schema``)."""
+    schema = Runbook.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "breakglass runbook"
+    return schema
+
+
+def runbook_json_schema_text() -> str:
+    """The schema as the committed ``runbooks/runbook.schema.json`` holds it."""
+    return json.dumps(runbook_json_schema(), indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,90 @@
+"""``breakglass runbook validate | schema`` as a user runs them (a real process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from activities.runbooks import runbook_json_schema
+from workflows.shared import ExitCode
+
+REPO = Path(__file__).resolve().parents[2]
+STAGING = "runbooks/sample-staging.yaml"
+PROD = "runbooks/sample-prod.yaml"
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+def breakglass(*args: str) -> Run:
+    env = {**os.environ, "COLUMNS": "80"}
+    env.pop("BREAKGLASS_ACCOUNTS_FILE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "runbook", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def line_of(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+def test_validate_ok() -> None:
+    run = breakglass("validate", STAGING, PROD)
+    assert run.code == ExitCode.OK, run.err
+    assert run.out.splitlines() == [f"ok: {STAGING} (sample/staging)", f"ok: {PROD} (sample/prod)"]
+    assert run.err == ""
+
+
+def test_validate_reports_every_problem_as_file_line_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    text = (REPO / PROD).read_text()
+    text = text.replace("quorum: 2", "quorum: 5")
+    text = text.replace("  keep: 30\n", "  keep: 30\n  kept: 1\n")
+    bad.write_text(text)
+    run = breakglass("validate", STAGING, str(bad))
+    assert run.code == ExitCode.BAD_INPUT
+    assert run.out.splitlines() == [f"ok: {STAGING} (sample/staging)"]
+    lines = run.err.splitlines()
+    assert len(lines) == 2, run.err
+    assert lines[0].startswith(
+        f"{bad}:{line_of(text, 'kept:')}: snapshot.kept: Extra inputs are not permitted"
+    )
+    assert lines[1].startswith(
+        f"{bad}:{line_of(text, 'quorum:')}: quorum: quorum 5 is larger than the 3 approver(s)"
+    )
+
+
+def test_validate_reports_unknown_accounts_and_a_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    text = (REPO / STAGING).read_text().replace("[alpha-futures]", "[alpha-futures, zz]")
+    bad.write_text(text)
+    run = breakglass("validate", str(bad), str(tmp_path / "missing.yaml"))
+    assert run.code == ExitCode.BAD_INPUT
+    assert run.out == ""
+    unknown, missing = run.err.splitlines()
+    assert unknown.startswith(f"{bad}:{line_of(text, 'zz]')}: accounts.1: unknown account 'zz'")
+    assert missing.startswith(f"{tmp_path / 'missing.yaml'}: cannot read")
+
+
+def test_schema_prints_json_and_writes_the_file(tmp_path: Path) -> None:
+    run = breakglass("schema")
+    assert run.code == ExitCode.OK, run.err
+    assert json.loads(run.out) == runbook_json_schema()
+    out = tmp_path / "schema.json"
+    run = breakglass("schema", "--output", str(out))
+    assert run.code == ExitCode.OK, run.err
+    assert out.read_text() == (REPO / "runbooks/runbook.schema.json").read_text()
