@@ -22,6 +22,7 @@ from pydantic_core import PydanticCustomError
 
 from activities.accounts import ConfigError, _line_of, load_accounts, parse_yaml_model
 from workflows.deploy_models import StrategyRef
+from workflows.rollback_models import FlattenMode
 from workflows.shared import ACCOUNT_NAME_PATTERN
 from workflows.snapshot_models import NAME_PATTERN, DatabaseRef
 
@@ -71,15 +72,6 @@ class SnapshotPolicy(_Config):
     """Snapshot the state database before every deploy and rollback (default: yes)."""
     keep: int = Field(default=20, ge=1, le=1000)
     """Snapshots kept per strategy × env; older ones are pruned (default 20, at least 1)."""
-
-
-class FlattenMode(StrEnum):
-    AUTO = "auto"
-    """Flatten positions right after cancelling orders, without asking."""
-    APPROVE = "approve"
-    """Ask the approvers; on timeout do what ``on_timeout`` says (the default)."""
-    HOLD = "hold"
-    """Never flatten: keep positions (orders are still cancelled)."""
 
 
 class TimeoutAction(StrEnum):

@@ -31,7 +31,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.rollback_models import (
         ApprovalDecision,
         ApprovalState,
-        FlattenPolicy,
+        FlattenMode,
         RollbackInput,
         RollbackOutcome,
         RollbackPlan,
@@ -239,10 +239,10 @@ class RollbackWorkflow:
         self, plan: RollbackPlan, request: RollbackInput
     ) -> tuple[str, list[KillReport]]:
         policy = plan.flatten
-        if policy is FlattenPolicy.HOLD:
+        if policy is FlattenMode.HOLD:
             self._mark(RollbackStep.FLATTEN, StepState.SKIPPED, "held: runbook policy is hold")
             return "held (policy)", []
-        if policy is FlattenPolicy.APPROVE:
+        if policy is FlattenMode.APPROVE:
             self._awaiting_approval = True
             self._mark(
                 RollbackStep.FLATTEN,

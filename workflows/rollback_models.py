@@ -23,13 +23,15 @@ def rollback_workflow_id(strategy: str, env: str) -> str:
     return f"rollback/{strategy}/{env}"
 
 
-class FlattenPolicy(StrEnum):
+class FlattenMode(StrEnum):
+    """The runbook's flatten policy (``flatten.mode``)."""
+
     AUTO = "auto"
-    """Flatten right after cancelling."""
+    """Flatten positions right after cancelling orders, without asking."""
     APPROVE = "approve"
-    """Wait for an approver; on timeout do what the runbook says."""
+    """Ask the approvers; on timeout do what ``on_timeout`` says (the default)."""
     HOLD = "hold"
-    """Keep positions (orders are still cancelled)."""
+    """Never flatten: keep positions (orders are still cancelled)."""
 
 
 class TradingState(StrEnum):
@@ -59,7 +61,7 @@ class RollbackPlan(Model):
     version_from: str | None
     version_to: str
     snapshot: SnapshotRecord
-    flatten: FlattenPolicy = FlattenPolicy.AUTO
+    flatten: FlattenMode = FlattenMode.AUTO
     approval_timeout_s: float = Field(default=900.0, gt=0)
     on_timeout: Literal["flatten", "hold"] = "flatten"
     approvers: list[str] = Field(default_factory=list)

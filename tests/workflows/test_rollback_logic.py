@@ -29,7 +29,7 @@ from workflows.kill_switch import KillSwitchWorkflow
 from workflows.rollback import RollbackWorkflow
 from workflows.rollback_models import (
     ApprovalDecision,
-    FlattenPolicy,
+    FlattenMode,
     RollbackInput,
     RollbackOutcome,
     RollbackPlan,
@@ -203,7 +203,7 @@ async def update_events(handle: WorkflowHandle) -> int:
 
 async def test_approval_refuses_strangers_and_the_requester_without_a_trace(time_env) -> None:
     approvers = ["alice", "bob", "carol"]  # alice may approve others' rollbacks, not her own
-    system = FakeSystem(plan(flatten=FlattenPolicy.APPROVE, approvers=approvers))
+    system = FakeSystem(plan(flatten=FlattenMode.APPROVE, approvers=approvers))
     venue = FakeVenue()
     handle, worker = await start(time_env, system, venue, requester="alice")
     try:
@@ -234,7 +234,7 @@ async def test_approval_refuses_strangers_and_the_requester_without_a_trace(time
 async def test_approval_timeout_follows_the_runbook(
     time_env, on_timeout: str, flattened: bool
 ) -> None:
-    system = FakeSystem(plan(flatten=FlattenPolicy.APPROVE, on_timeout=on_timeout))
+    system = FakeSystem(plan(flatten=FlattenMode.APPROVE, on_timeout=on_timeout))
     venue = FakeVenue()
     handle, worker = await start(time_env, system, venue)
     try:
@@ -247,7 +247,7 @@ async def test_approval_timeout_follows_the_runbook(
 
 
 async def test_rejection_holds_positions(time_env) -> None:
-    system, venue = FakeSystem(plan(flatten=FlattenPolicy.APPROVE)), FakeVenue()
+    system, venue = FakeSystem(plan(flatten=FlattenMode.APPROVE)), FakeVenue()
     handle, worker = await start(time_env, system, venue)
     try:
         await wait_for_approval(handle)
