@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client
@@ -20,16 +21,26 @@ from temporalio.worker import Worker
 from activities.accounts import ConfigError, load_accounts
 from activities.kill import KillActivities
 from activities.notify import ConsoleNotifier, Notifier, NotifyActivities
+from activities.rollback_plan import NOT_RUNBOOKS, RollbackPlanner
+from activities.runbooks import load_runbook
+from activities.snapshot_catalog import SnapshotCatalog
+from activities.snapshots import SnapshotActivities
+from activities.targets import build_target
+from activities.targets.activities import TargetActivities
+from activities.targets.base import DeployTarget
+from activities.trading_state import TradingStateActivities
 from activities.venues import VenueGateway
 from worker.process import exit_now
 from worker.settings import Settings
 from worker.temporal_client import TemporalUnreachable, connect
+from workflows.deploy_models import StrategyRef
 from workflows.kill_switch import KillSwitchWorkflow
+from workflows.rollback import RollbackWorkflow
 from workflows.shared import TASK_QUEUE
 
 log = logging.getLogger("breakglass.worker")
 
-WORKFLOWS: Sequence[type] = (KillSwitchWorkflow,)
+WORKFLOWS: Sequence[type] = (KillSwitchWorkflow, RollbackWorkflow)
 STICKY_FAILOVER = timedelta(seconds=3)
 """A dead worker's cached workflows move to another worker after this (SDK default 10 s): a kill
 switch should not sit out the default when its worker was SIGKILLed."""
@@ -49,15 +60,62 @@ def activities_for(gateway: VenueGateway, notifiers: list[Notifier]) -> list[Cal
     return [kill.halt, kill.cancel_all, kill.flatten, kill.snapshot_venue_state, notify.notify]
 
 
+def deploy_targets(runbooks_dir: Path) -> dict[StrategyRef, DeployTarget]:
+    """The deploy target of every valid runbook; a broken runbook is logged and left out (a
+    rollback of it is then refused with the runbook's own error)."""
+    targets: dict[StrategyRef, DeployTarget] = {}
+    for path in sorted(runbooks_dir.glob("*.yaml")):
+        if path.name in NOT_RUNBOOKS:
+            continue
+        try:
+            runbook = load_runbook(path)
+        except ConfigError as e:
+            log.error("runbook left out: %s", e)
+            continue
+        options = runbook.target.model_dump(exclude={"kind", "http_port"})
+        if runbook.target.http_port:
+            options["health_url"] = (
+                f"http://127.0.0.1:{runbook.target.http_port}{runbook.health.path}"
+            )
+        targets[runbook.ref] = build_target(runbook.target.kind, runbook.ref, options)
+    return targets
+
+
+def rollback_activities(settings: Settings) -> list[Callable[..., Any]]:
+    """Snapshots, deploy targets, trading state and the planner, wired once."""
+    store = settings.snapshots_dir()
+    store.mkdir(parents=True, exist_ok=True)
+    catalog = SnapshotCatalog(store / "catalog.sqlite")
+    targets = TargetActivities(deploy_targets(settings.runbooks_dir))
+    snapshots = SnapshotActivities(catalog, store / "store")
+    planner = RollbackPlanner(settings.runbooks_dir, targets.target, catalog)
+    return [
+        planner.plan,
+        TradingStateActivities().set_state,
+        snapshots.snapshot,
+        snapshots.restore,
+        snapshots.checksum,
+        targets.stop_strategy,
+        targets.activate_version,
+        targets.check_health,
+        targets.current_version,
+    ]
+
+
 def build_worker(
-    client: Client, gateway: VenueGateway, *, task_queue: str = TASK_QUEUE, **options: Any
+    client: Client,
+    gateway: VenueGateway,
+    *,
+    task_queue: str = TASK_QUEUE,
+    extra_activities: Sequence[Callable[..., Any]] = (),
+    **options: Any,
 ) -> Worker:
     options.setdefault("sticky_queue_schedule_to_start_timeout", STICKY_FAILOVER)
     return Worker(
         client,
         task_queue=task_queue,
         workflows=list(WORKFLOWS),
-        activities=activities_for(gateway, [ConsoleNotifier()]),
+        activities=[*activities_for(gateway, [ConsoleNotifier()]), *extra_activities],
         **options,
     )
 
@@ -69,7 +127,12 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    worker = build_worker(client, gateway, task_queue=settings.task_queue)
+    worker = build_worker(
+        client,
+        gateway,
+        task_queue=settings.task_queue,
+        extra_activities=rollback_activities(settings),
+    )
     try:
         async with worker:
             log.info(

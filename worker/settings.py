@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     cluster: ``breakglass dev up`` does it for the embedded server)."""
 
     accounts_file: Path = Path("runbooks/accounts.yaml")
+    runbooks_dir: Path = Path("runbooks")
+    """Runbooks (one YAML per strategy x env) the rollback saga reads."""
     state_dir: Path = Path(".breakglass")
     """Where the embedded stack keeps its SQLite file, logs, pids and the sandbox's CA."""
 
@@ -72,6 +74,10 @@ class Settings(BaseSettings):
         base = (self.temporal_ui_url or f"http://127.0.0.1:{self.dev_ui_port}").rstrip("/")
         ns = quote(self.temporal_namespace, safe="")
         return f"{base}/namespaces/{ns}/workflows/{quote(workflow_id, safe='')}"
+
+    def snapshots_dir(self) -> Path:
+        """State-database snapshots: ``catalog.sqlite`` and the artifacts under ``store/``."""
+        return self.state_dir / "snapshots"
 
     def sandbox_ca(self) -> Path:
         return self.sandbox_ca_file or self.state_dir / "sandbox" / "ca.pem"

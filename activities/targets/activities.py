@@ -26,7 +26,8 @@ class TargetActivities:
     def __init__(self, targets: Mapping[StrategyRef, DeployTarget]) -> None:
         self.targets = dict(targets)
 
-    def _target(self, ref: StrategyRef) -> DeployTarget:
+    def target(self, ref: StrategyRef) -> DeployTarget:
+        """The deploy target of one system (unknown: a non-retryable error)."""
         try:
             return self.targets[ref]
         except KeyError:
@@ -45,7 +46,7 @@ class TargetActivities:
         """Stop every running version (idempotent: nothing running is a success)."""
         activity.logger.info("stop %s by %s: %s", request.ref, request.requested_by, request.reason)
         try:
-            stopped = await self._target(request.ref).stop()
+            stopped = await self.target(request.ref).stop()
         except TargetError as e:
             raise self._error(request.ref, e) from None
         return StopResult(ref=request.ref, stopped_versions=stopped)
@@ -54,7 +55,7 @@ class TargetActivities:
     async def activate_version(self, request: ActivateRequest) -> ActivationRecord:
         """Switch to the version; a repeat of the current activation changes nothing."""
         try:
-            return await self._target(request.ref).activate(
+            return await self.target(request.ref).activate(
                 request.version, requested_by=request.requested_by, reason=request.reason
             )
         except TargetError as e:
@@ -63,11 +64,11 @@ class TargetActivities:
     @activity.defn(name="check_health")
     async def check_health(self, request: HealthRequest) -> HealthReport:
         """One /healthz look (unhealthy is a result, not an error: the workflow decides)."""
-        return await self._target(request.ref).health(request.timeout_s)
+        return await self.target(request.ref).health(request.timeout_s)
 
     @activity.defn(name="current_version")
     async def current_version(self, ref: StrategyRef) -> CurrentVersion:
-        target = self._target(ref)
+        target = self.target(ref)
         return CurrentVersion(
             ref=ref,
             current=await target.current(),

@@ -1,4 +1,4 @@
-"""Record kill-switch histories for the replay test: ``python -m tests.workflows.record_histories``.
+"""Record the histories the replay test replays: ``python -m tests.workflows.record_histories``.
 
 Run it when the workflow changes *on purpose* (and version the change with ``workflow.patched``
 if old runs may still be open); the replay test then guards the new shape.
@@ -10,18 +10,22 @@ import asyncio
 import os
 from pathlib import Path
 
+from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
 from tests.helpers import new_worker
 from tests.workflows.test_kill_switch_logic import FakeVenue, long, request
+from tests.workflows.test_rollback_logic import FakeSystem, plan
 from worker.devstack import find_executable
 from worker.settings import Settings
 from worker.temporal_client import data_converter
 from workflows.kill_switch import KillSwitchWorkflow
+from workflows.rollback import RollbackWorkflow
+from workflows.rollback_models import RollbackInput
 
 HISTORIES = Path(__file__).parent / "histories"
 
-SCENARIOS = {
+KILL_SCENARIOS = {
     "kill_switch_verified": (FakeVenue(), request("a", "b")),
     "kill_switch_two_rounds_one_account_failing": (
         FakeVenue(
@@ -31,6 +35,17 @@ SCENARIOS = {
         request("a", "b"),
     ),
 }
+ROLLBACK_SCENARIOS = {
+    "rollback_auto_flatten": FakeSystem(plan()),
+    "rollback_safe_stop_at_activate": FakeSystem(plan(), fail_activate=True),
+}
+WORKFLOWS = [KillSwitchWorkflow, RollbackWorkflow]
+
+
+async def save(handle: WorkflowHandle, name: str) -> None:
+    await handle.result()
+    (HISTORIES / f"{name}.json").write_text((await handle.fetch_history()).to_json())
+    print(f"recorded {name}")
 
 
 async def record() -> None:
@@ -40,16 +55,24 @@ async def record() -> None:
         data_converter=data_converter(settings),
     )
     async with env:
-        for name, (venue, kill) in SCENARIOS.items():
-            async with new_worker(
-                env.client, KillSwitchWorkflow, activities=venue.activities()
-            ) as w:
+        for name, (venue, kill) in KILL_SCENARIOS.items():
+            async with new_worker(env.client, *WORKFLOWS, activities=venue.activities()) as w:
                 handle = await env.client.start_workflow(
                     KillSwitchWorkflow.run, kill, id=f"record-{name}", task_queue=w.task_queue
                 )
-                await handle.result()
-                (HISTORIES / f"{name}.json").write_text((await handle.fetch_history()).to_json())
-                print(f"recorded {name}")
+                await save(handle, name)
+        for name, system in ROLLBACK_SCENARIOS.items():
+            activities = system.activities() + FakeVenue().activities()
+            async with new_worker(env.client, *WORKFLOWS, activities=activities) as w:
+                handle = await env.client.start_workflow(
+                    RollbackWorkflow.run,
+                    RollbackInput(
+                        strategy="momentum", env="prod", reason="recorded", requested_by="alice"
+                    ),
+                    id=f"record-{name}",
+                    task_queue=w.task_queue,
+                )
+                await save(handle, name)
 
 
 if __name__ == "__main__":
