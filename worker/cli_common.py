@@ -9,8 +9,10 @@ from typing import Any, NoReturn, TypeVar
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from temporalio.client import Client
 
 from worker.settings import Settings
+from worker.temporal_client import TemporalUnreachable, connect
 from workflows.shared import ExitCode
 
 T = TypeVar("T")
@@ -75,3 +77,13 @@ def exit_codes_help() -> str:
         pass
     lines = [f"{int(c)} {c.name}: {docs.get(c.name, '')}".rstrip(": ") for c in ExitCode]
     return "Exit codes:\n\n" + "\n\n".join(lines)
+
+
+async def connect_or_abort(settings: Settings) -> Client:
+    """A Temporal client, or one clear line and UNREACHABLE (BAD_INPUT for unusable TLS)."""
+    try:
+        return await connect(settings)
+    except TemporalUnreachable as e:
+        abort(str(e), ExitCode.UNREACHABLE)
+    except ValueError as e:  # unusable TLS settings
+        abort(str(e), ExitCode.BAD_INPUT)

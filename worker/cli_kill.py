@@ -31,10 +31,17 @@ from temporalio.common import (
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.accounts import ConfigError, load_accounts
-from worker.cli_common import abort, console, err_console, load_settings, run_async
+from worker.cli_common import (
+    abort,
+    connect_or_abort,
+    console,
+    err_console,
+    load_settings,
+    run_async,
+)
 from worker.render import report_view, steps_table
 from worker.settings import Settings
-from worker.temporal_client import TemporalUnreachable, connect, live_pollers
+from worker.temporal_client import live_pollers
 from workflows.kill_switch import KillSwitchWorkflow
 from workflows.shared import (
     ExitCode,
@@ -68,15 +75,6 @@ def _validated_input(
         first = e.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "input"
         abort(f"invalid kill request: {field}: {first['msg']}", ExitCode.BAD_INPUT)
-
-
-async def _connect(settings: Settings) -> Client:
-    try:
-        return await connect(settings)
-    except TemporalUnreachable as e:
-        abort(str(e), ExitCode.UNREACHABLE)
-    except ValueError as e:  # unusable TLS settings
-        abort(str(e), ExitCode.BAD_INPUT)
 
 
 async def _start(client: Client, request: KillSwitchInput, settings: Settings) -> WorkflowHandle:
@@ -163,7 +161,7 @@ def kill(
     request = _validated_input(settings, account, reason, requested_by or getpass.getuser(), scope)
 
     async def go() -> ExitCode:
-        client = await _connect(settings)
+        client = await connect_or_abort(settings)
         handle = await _start(client, request, settings)
         if not await live_pollers(client, settings.task_queue):
             # Started and durable, but nothing will happen until a worker runs: say so loudly.
@@ -194,7 +192,7 @@ def status(
     settings = load_settings()
 
     async def go() -> ExitCode:
-        client = await _connect(settings)
+        client = await connect_or_abort(settings)
         handle = client.get_workflow_handle(workflow_id, result_type=KillReport)
         try:
             description = await handle.describe()
