@@ -39,6 +39,7 @@ from worker.cli_common import (
     load_settings,
     run_async,
 )
+from worker.cli_rollback import rollback_status
 from worker.render import report_view, steps_table
 from worker.settings import Settings
 from worker.temporal_client import live_pollers
@@ -188,7 +189,7 @@ def status(
     workflow_id: str = typer.Argument(..., help="Workflow id, e.g. kill/alpha-futures."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
-    """Show a kill switch's step progress, and its report once finished."""
+    """Show a kill switch's or a rollback's progress, and its report once finished."""
     settings = load_settings()
 
     async def go() -> ExitCode:
@@ -201,6 +202,8 @@ def status(
                 abort(f"no workflow {workflow_id!r}", ExitCode.NOT_FOUND)
             raise
         state = description.status or WorkflowExecutionStatus.RUNNING
+        if description.workflow_type == "Rollback":
+            return await rollback_status(client, workflow_id, state, as_json)
         if state == WorkflowExecutionStatus.COMPLETED:
             return _emit(await handle.result(), as_json)
         status = await _query(handle)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import json
 import sys
 import uuid
 from datetime import timedelta
@@ -12,6 +13,8 @@ from datetime import timedelta
 import typer
 from pydantic import ValidationError
 from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
     WorkflowUpdateFailedError,
@@ -196,3 +199,40 @@ def reject(
 ) -> None:
     """Reject a rollback's flatten step: positions are held, the rollback goes on."""
     _decide(workflow_id, approver, False, note)
+
+
+async def rollback_status(
+    client: Client, workflow_id: str, state: WorkflowExecutionStatus, as_json: bool
+) -> ExitCode:
+    """``breakglass status rollback/...``: the saga's timeline, and its report once finished."""
+    handle = client.get_workflow_handle(workflow_id, result_type=RollbackReport)
+    if state == WorkflowExecutionStatus.COMPLETED:
+        report = await handle.result()
+        if as_json:
+            print(report.model_dump_json(indent=2))
+        else:
+            console.print(
+                f"{workflow_id}: {report.outcome.value} ({report.version_from} -> "
+                f"{report.version_to}, positions {report.flatten or 'untouched'})"
+            )
+        return ExitCode.OK if report.outcome is RollbackOutcome.ROLLED_BACK else ExitCode.UNVERIFIED
+    try:
+        status: RollbackStatus | None = await handle.query(
+            RollbackWorkflow.status, rpc_timeout=timedelta(seconds=5)
+        )
+    except Exception:  # no worker answering: the state alone is still worth showing
+        status = None
+    if as_json:
+        body = {"workflow_id": workflow_id, "status": state.name}
+        if status is not None:
+            body["progress"] = status.model_dump(mode="json")
+        print(json.dumps(body, indent=2))
+    else:
+        console.print(f"{workflow_id}: {state.name.lower()}")
+        for entry in status.timeline if status else []:
+            console.print(
+                f"  {entry.at:%H:%M:%S} {entry.step.value}: {entry.state.value} {entry.detail}"
+            )
+        if status is not None and status.awaiting_approval:
+            console.print(f"  waiting for approval: breakglass approve {workflow_id} --as NAME")
+    return ExitCode.OK if state == WorkflowExecutionStatus.RUNNING else ExitCode.WORKFLOW_FAILED

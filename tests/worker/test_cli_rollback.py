@@ -68,3 +68,20 @@ async def test_approving_a_workflow_that_does_not_exist(dev_env: WorkflowEnviron
     run = await breakglass("approve", "rollback/nosuch/" + fresh_id("x"), "--as", "bob", env=env)
     assert run.code == ExitCode.NOT_FOUND
     assert "no running workflow" in run.err
+
+
+async def test_status_of_a_running_rollback(dev_env: WorkflowEnvironment) -> None:
+    task_queue = fresh_id("tq-no-worker")
+    workflow_id = rollback_workflow_id("sample", fresh_id("env"))
+    handle = await dev_env.client.start_workflow(
+        RollbackWorkflow.run,
+        RollbackInput(strategy="sample", env="staging", reason="watch me", requested_by="bob"),
+        id=workflow_id,
+        task_queue=task_queue,
+    )
+    try:
+        run = await breakglass("status", workflow_id, "--json", env=env_for(dev_env, task_queue))
+    finally:
+        await handle.terminate("test over")
+    assert run.code == ExitCode.OK
+    assert '"status": "RUNNING"' in run.out
