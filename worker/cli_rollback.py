@@ -78,7 +78,11 @@ async def _watch(handle: WorkflowHandle, as_json: bool) -> RollbackReport:
                     markup=False,
                 )
         await asyncio.wait([result], timeout=POLL_S)
-    return await result
+    report: RollbackReport = await result
+    if not as_json:
+        for entry in report.timeline[shown:]:
+            console.print(f"{entry.step.value}: {entry.state.value} {entry.detail}".rstrip())
+    return report
 
 
 def rollback(

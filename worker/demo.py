@@ -21,6 +21,7 @@ from sandbox.admin_client import AdminError, SandboxAdmin
 from sandbox.seed import BookSpec, SeedAccount, seed_book
 from worker import devstack
 from worker.cli_common import console, err_console
+from worker.demo_rollback import export_feed_token, run_rollback
 from worker.process import exit_now
 from worker.settings import Settings
 from workflows.shared import kill_workflow_id
@@ -111,6 +112,7 @@ async def venue_view(admin: SandboxAdmin, credentials: dict[str, tuple[str, str]
 async def run(settings: Settings) -> int:
     credentials = demo_credentials(settings)
     export_credentials(credentials)
+    export_feed_token(settings)
     console.print("[bold]1. embedded stack[/bold] (Temporal dev server, sandbox exchange, worker)")
     stack = await devstack.up(settings)
     if not stack.component("worker").started:
@@ -131,13 +133,14 @@ async def run(settings: Settings) -> int:
         code = await asyncio.to_thread(subprocess.call, argv)
         console.print("[bold]4. checked on the venue[/bold]")
         console.print(await venue_view(admin, credentials))
+        rollback_code = await run_rollback(settings, admin)
     finally:
         await admin.close()
     console.print(
         f"Temporal UI: {settings.ui_url_for(kill_workflow_id(KILL_ACCOUNTS))}\n"
         "The stack keeps running for inspection; stop it with: breakglass dev down"
     )
-    return code
+    return code or rollback_code
 
 
 def main() -> None:

@@ -486,7 +486,7 @@ def _port_free(port: int) -> bool:
     return not _port_answers(port, timeout=0.2)
 
 
-def _ensure_admin_token(settings: Settings) -> str:
+def ensure_admin_token(settings: Settings) -> str:
     path = admin_token_file(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -507,7 +507,7 @@ def _spawn(settings: Settings, c: Component) -> int:
         c.ready_file.unlink(missing_ok=True)
     argv = list(c.argv)
     if ADMIN_TOKEN_PLACEHOLDER in argv:
-        _ensure_admin_token(settings)
+        ensure_admin_token(settings)
         token_file = str(admin_token_file(settings))
         argv = [token_file if a == ADMIN_TOKEN_PLACEHOLDER else a for a in argv]
     env = dict(os.environ)
