@@ -132,6 +132,10 @@ async def run_rollback(settings: Settings, admin: SandboxAdmin) -> int:
     code = await asyncio.to_thread(subprocess.call, argv)
     running = await target.running_versions()
     health = await target.health(timeout_s=2.0)
+    deadline = time.monotonic() + 12  # the strategy reports its state once per (5 s) loop
+    while health.trading_state != "ACTIVE" and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+        health = await target.health(timeout_s=2.0)
     console.print(
         f"[bold]8. checked on the target[/bold]: running {running}, "
         f"{health.version} {'healthy' if health.healthy else 'UNHEALTHY'}, "
