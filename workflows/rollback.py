@@ -209,6 +209,7 @@ class RollbackWorkflow:
                 ),
                 RestoreResult,
                 timeout=timedelta(minutes=30),
+                heartbeat=timedelta(seconds=10),  # it heartbeats every second
             ),
             lambda r: f"content {r.content_checksum[:12]} ({'restored' if r.changed else 'same'})",
         )
@@ -378,14 +379,21 @@ class RollbackWorkflow:
     # ------------------------------------------------------------------ plumbing
 
     def _activity(
-        self, name: str, arg: Any, result_type: type, timeout: timedelta = timedelta(minutes=2)
+        self,
+        name: str,
+        arg: Any,
+        result_type: type,
+        timeout: timedelta = timedelta(seconds=30),
+        heartbeat: timedelta | None = None,
     ) -> Any:
+        """One saga activity. Short steps get a short start-to-close (a dead worker is noticed
+        within it); long ones heartbeat, so the timeout can be long and detection still fast."""
         return workflow.execute_activity(
             name,
             arg,
             result_type=result_type,
             start_to_close_timeout=timeout,
-            heartbeat_timeout=timedelta(seconds=30),
+            heartbeat_timeout=heartbeat,
             retry_policy=STEP_RETRY,
         )
 
