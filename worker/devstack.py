@@ -738,10 +738,34 @@ async def up(settings: Settings, *, only: Iterable[str] | None = None) -> StackS
 
 
 async def down(settings: Settings, *, only: Iterable[str] | None = None) -> StackStatus:
-    """Stop components in reverse start order: SIGTERM, then SIGKILL after a timeout."""
+    """Stop components in reverse start order: SIGTERM, then SIGKILL after a timeout. A full
+    ``down`` also stops the supervisord instances deploy targets started under the state dir
+    (they outlive the worker on purpose, so nothing else would stop them)."""
     for c in reversed(_select(settings, only)):
         await _stop(c)
+    if only is None:
+        await asyncio.to_thread(_stop_supervisors, state_dir(settings))
     return status(settings)
+
+
+def _stop_supervisors(root: Path, timeout_s: float = 15.0) -> None:
+    """SIGTERM every supervisord with a pid file below ``root``; it stops its programs first."""
+    pids = []
+    for pid_file in root.glob("**/supervisord.pid"):
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(pid_file.read_text())
+            # A stale pid file may name a reused pid: only signal a supervisord.
+            if b"supervisord" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGTERM)
+                pids.append(pid)
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
 
 
 def kill_component(settings: Settings, name: str, sig: int = signal.SIGKILL) -> int | None:
