@@ -19,7 +19,6 @@ from temporalio.testing import ActivityEnvironment
 from activities.rollback_plan import find_runbook
 from activities.snapshot_catalog import SnapshotCatalog
 from activities.snapshots import SnapshotActivities
-from activities.targets import build_target
 from activities.targets.base import DeployTarget
 from sandbox.admin_client import SandboxAdmin
 from sandbox.strategy.config import Fault, StrategyConfig
@@ -27,6 +26,7 @@ from sandbox.strategy.releases import build_release
 from sandbox.strategy.state import set_trading_state
 from worker import devstack
 from worker.cli_common import console
+from worker.main import target_for
 from worker.settings import Settings
 from workflows.snapshot_models import SnapshotRequest
 
@@ -65,8 +65,7 @@ def prepare(settings: Settings) -> tuple[DeployTarget, SnapshotActivities]:
     )
     target_options.strategy_config.parent.mkdir(parents=True, exist_ok=True)
     target_options.strategy_config.write_text(config.model_dump_json())
-    options = target_options.model_dump(exclude={"kind", "http_port"})
-    target = build_target(target_options.kind, runbook.ref, options)
+    target = target_for(runbook)
     store = settings.snapshots_dir()
     store.mkdir(parents=True, exist_ok=True)
     snapshots = SnapshotActivities(SnapshotCatalog(store / "catalog.sqlite"), store / "store")

@@ -22,7 +22,7 @@ from activities.accounts import ConfigError, load_accounts
 from activities.kill import KillActivities
 from activities.notify import ConsoleNotifier, Notifier, NotifyActivities
 from activities.rollback_plan import NOT_RUNBOOKS, RollbackPlanner
-from activities.runbooks import load_runbook
+from activities.runbooks import Runbook, load_runbook
 from activities.snapshot_catalog import SnapshotCatalog
 from activities.snapshots import SnapshotActivities
 from activities.targets import build_target
@@ -72,13 +72,17 @@ def deploy_targets(runbooks_dir: Path) -> dict[StrategyRef, DeployTarget]:
         except ConfigError as e:
             log.error("runbook left out: %s", e)
             continue
-        options = runbook.target.model_dump(exclude={"kind", "http_port"})
-        if runbook.target.http_port:
-            options["health_url"] = (
-                f"http://127.0.0.1:{runbook.target.http_port}{runbook.health.path}"
-            )
-        targets[runbook.ref] = build_target(runbook.target.kind, runbook.ref, options)
+        targets[runbook.ref] = target_for(runbook)
     return targets
+
+
+def target_for(runbook: Runbook) -> DeployTarget:
+    """The deploy target a runbook describes (the one place runbook fields become options)."""
+    options = runbook.target.model_dump(exclude={"kind", "http_port"})
+    if runbook.target.http_port:
+        path = runbook.health.path
+        options["health_url"] = f"http://127.0.0.1:{runbook.target.http_port}{path}"
+    return build_target(runbook.target.kind, runbook.ref, options)
 
 
 def rollback_activities(settings: Settings) -> list[Callable[..., Any]]:
