@@ -14,6 +14,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.accounts import ConfigError
+from activities.heartbeat import heartbeating
 from activities.runbooks import Runbook, load_runbook
 from activities.snapshot_catalog import SnapshotCatalog
 from activities.targets.base import DeployTarget
@@ -59,6 +60,10 @@ class RollbackPlanner:
 
     @activity.defn(name="plan_rollback")
     async def plan(self, request: RollbackInput) -> RollbackPlan:
+        async with heartbeating({"phase": "planning"}):
+            return await self._plan(request)
+
+    async def _plan(self, request: RollbackInput) -> RollbackPlan:
         try:
             runbook = await asyncio.to_thread(
                 find_runbook, self.runbooks_dir, request.strategy, request.env
@@ -86,6 +91,8 @@ class RollbackPlanner:
             approvers=runbook.approvers,
             quorum=runbook.quorum,
             health_timeout_s=runbook.health.timeout_s,
+            health_interval_s=runbook.health.interval_s,
+            timeouts=runbook.timeouts,
         )
 
     def _snapshot(self, request: RollbackInput, version: str) -> SnapshotRecord:

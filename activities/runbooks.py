@@ -22,7 +22,7 @@ from pydantic_core import PydanticCustomError
 
 from activities.accounts import ConfigError, _line_of, load_accounts, parse_yaml_model
 from workflows.deploy_models import StrategyRef
-from workflows.rollback_models import FlattenMode
+from workflows.rollback_models import FlattenMode, StepTimeouts
 from workflows.shared import ACCOUNT_NAME_PATTERN
 from workflows.snapshot_models import NAME_PATTERN, DatabaseRef
 
@@ -98,23 +98,6 @@ class FlattenPolicy(_Config):
                 "use mode: approve or on_timeout: hold"
             )
         return on_timeout
-
-
-class StepTimeouts(_Config):
-    """Start-to-close timeout of each saga step, in seconds (each bounded to 1 s … 2 h)."""
-
-    snapshot_s: int = Field(default=600, ge=1, le=7200)
-    """Taking a snapshot of the state database (default 600)."""
-    restore_s: int = Field(default=900, ge=1, le=7200)
-    """Restoring a snapshot (default 900)."""
-    activate_s: int = Field(default=300, ge=1, le=7200)
-    """Switching the target to a version and starting it (default 300)."""
-    stop_s: int = Field(default=120, ge=1, le=7200)
-    """Stopping the running version (default 120)."""
-    cancel_s: int = Field(default=300, ge=1, le=7200)
-    """Cancelling every open order (default 300)."""
-    flatten_s: int = Field(default=600, ge=1, le=7200)
-    """Flattening positions, once decided (default 600)."""
 
 
 class HealthCheck(_Config):

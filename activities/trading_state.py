@@ -13,12 +13,13 @@ import os
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeat import heartbeating
 from sandbox.strategy.state import set_trading_state
 from workflows.rollback_models import TradingStateChange, TradingStateRequest
 from workflows.snapshot_models import DatabaseKind, DatabaseRef
 
 
-def _db_target(database: DatabaseRef) -> str:
+def db_target(database: DatabaseRef) -> str:
     """Path or DSN for the state module; a password comes from the env var the ref names."""
     if database.kind is DatabaseKind.SQLITE:
         return str(database.path)
@@ -43,13 +44,14 @@ class TradingStateActivities:
     async def set_state(self, request: TradingStateRequest) -> TradingStateChange:
         """Set the strategy's trading state (a repeat is a no-op that says so)."""
         try:
-            change = await asyncio.to_thread(
-                set_trading_state,
-                _db_target(request.database),
-                request.state.value,
-                request.who,
-                request.why,
-            )
+            async with heartbeating({"phase": f"setting {request.state.value}"}):
+                change = await asyncio.to_thread(
+                    set_trading_state,
+                    db_target(request.database),
+                    request.state.value,
+                    request.who,
+                    request.why,
+                )
         except ValueError as e:
             raise ApplicationError(str(e), type="BadRequest", non_retryable=True) from None
         except OSError as e:  # unreachable database: retry, the workflow's policy bounds it

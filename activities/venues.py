@@ -118,6 +118,11 @@ class VenueSession:
         await self.exchange.close()
         await self._session.close()
 
+    def exchange_symbol(self, symbol: str) -> str:
+        """The venue's own name of a ccxt symbol (``BTC/USDT:USDT`` -> ``BTCUSDT``): what a
+        strategy's records use."""
+        return str(self.exchange.market(symbol)["id"])
+
     def lot_rules(self, symbol: str) -> LotRules:
         """Size rules for market orders (MARKET_LOT_SIZE where present, else LOT_SIZE)."""
         market = self.exchange.market(symbol)

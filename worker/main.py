@@ -21,6 +21,7 @@ from temporalio.worker import Worker
 from activities.accounts import ConfigError, load_accounts
 from activities.kill import KillActivities
 from activities.notify import ConsoleNotifier, Notifier, NotifyActivities
+from activities.reconcile import ReconcileActivities
 from activities.rollback_plan import NOT_RUNBOOKS, RollbackPlanner
 from activities.runbooks import Runbook, load_runbook
 from activities.snapshot_catalog import SnapshotCatalog
@@ -55,9 +56,19 @@ def gateway_for(settings: Settings) -> VenueGateway:
 
 
 def activities_for(gateway: VenueGateway, notifiers: list[Notifier]) -> list[Callable[..., Any]]:
+    """The activities that talk to venues (and notify): the kill switch's, and the rollback's
+    reconcile, which reads the venue to correct the strategy's database."""
     kill = KillActivities(gateway)
     notify = NotifyActivities(notifiers)
-    return [kill.halt, kill.cancel_all, kill.flatten, kill.snapshot_venue_state, notify.notify]
+    reconcile = ReconcileActivities(gateway)
+    return [
+        kill.halt,
+        kill.cancel_all,
+        kill.flatten,
+        kill.snapshot_venue_state,
+        reconcile.reconcile,
+        notify.notify,
+    ]
 
 
 def deploy_targets(runbooks_dir: Path) -> dict[StrategyRef, DeployTarget]:

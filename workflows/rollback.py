@@ -1,5 +1,5 @@
 """The rollback saga: freeze → stop → cancel_all → flatten (per policy) → restore → activate →
-health → notify, for one strategy in one environment.
+health → reconcile → notify, for one strategy in one environment.
 
 Orders are cancelled and positions flattened by the kill switch itself, run as child workflows,
 so there is one implementation of the money-safety rules. If a step fails for good, the saga
@@ -32,12 +32,15 @@ with workflow.unsafe.imports_passed_through():
         ApprovalDecision,
         ApprovalState,
         FlattenMode,
+        ReconcileRequest,
+        ReconcileResult,
         RollbackInput,
         RollbackOutcome,
         RollbackPlan,
         RollbackReport,
         RollbackStatus,
         RollbackStep,
+        StepTimeouts,
         TimelineEntry,
         TradingState,
         TradingStateChange,
@@ -60,7 +63,12 @@ STEP_RETRY = RetryPolicy(
     maximum_attempts=10,
 )
 NOTIFY_RETRY = RetryPolicy(maximum_attempts=3, maximum_interval=timedelta(seconds=5))
-HEALTH_POLL = timedelta(seconds=1)
+SHORT_STEP = timedelta(seconds=30)
+"""Start-to-close of the steps that only read or write a row (state, health probe, plan)."""
+PLAN_HEARTBEAT = timedelta(seconds=5)
+"""The plan brings the runbook's heartbeat timeout; the plan step itself uses this one."""
+RECONCILE_PATCH = "reconcile-before-active"
+"""Runs recorded before the reconcile step existed replay without it."""
 
 
 class StepFailed(Exception):
@@ -164,7 +172,8 @@ class RollbackWorkflow:
                 "plan_rollback",
                 request,
                 result_type=RollbackPlan,
-                start_to_close_timeout=timedelta(seconds=30),
+                start_to_close_timeout=SHORT_STEP,
+                heartbeat_timeout=PLAN_HEARTBEAT,
                 retry_policy=RetryPolicy(maximum_attempts=3),
             ),
             lambda p: f"{p.version_from} -> {p.version_to}, snapshot {p.snapshot.id}",
@@ -183,7 +192,12 @@ class RollbackWorkflow:
             await self._set_trading_state(plan, state, request.requested_by, why)
         await self._run(
             RollbackStep.STOP,
-            self._activity("stop_strategy", StopRequest(ref=plan.ref, reason=why), StopResult),
+            self._activity(
+                "stop_strategy",
+                StopRequest(ref=plan.ref, reason=why),
+                StopResult,
+                timeout=timedelta(seconds=plan.timeouts.stop_s),
+            ),
             lambda r: f"stopped {', '.join(r.stopped_versions) or 'nothing (none running)'}",
         )
         kill = await self._kill(plan, request, KillScope.CANCEL_ONLY, RollbackStep.CANCEL_ALL)
@@ -208,8 +222,7 @@ class RollbackWorkflow:
                     reason=why,
                 ),
                 RestoreResult,
-                timeout=timedelta(minutes=30),
-                heartbeat=timedelta(seconds=10),  # it heartbeats every second
+                timeout=timedelta(seconds=plan.timeouts.restore_s),
             ),
             lambda r: f"content {r.content_checksum[:12]} ({'restored' if r.changed else 'same'})",
         )
@@ -227,10 +240,14 @@ class RollbackWorkflow:
                     reason=why,
                 ),
                 ActivationRecord,
+                timeout=timedelta(seconds=plan.timeouts.activate_s),
             ),
             lambda r: f"{r.version} running ({r.switch_s:.2f}s switch)",
         )
         await self._wait_healthy(plan)
+        if workflow.patched(RECONCILE_PATCH):
+            reconciled = await self._reconcile(plan, request.requested_by, why)
+            report = report.model_copy(update={"reconcile": reconciled})
         await self._set_trading_state(plan, TradingState.ACTIVE, request.requested_by, why)
         return report
 
@@ -287,7 +304,11 @@ class RollbackWorkflow:
                     requested_by=request.requested_by,
                 ),
                 id=f"{info.workflow_id}/{step.value}",
-                execution_timeout=timedelta(minutes=30),
+                execution_timeout=timedelta(
+                    seconds=plan.timeouts.flatten_s
+                    if scope is KillScope.FLATTEN
+                    else plan.timeouts.cancel_s
+                ),
             ),
             lambda k: f"{k.outcome.value} in {k.time_to_flat_s or 0:.2f}s",
         )
@@ -305,15 +326,37 @@ class RollbackWorkflow:
                 "check_health",
                 HealthRequest(ref=plan.ref),
                 HealthReport,
-                timeout=timedelta(seconds=30),
             )
             if last.healthy and last.version == plan.version_to:
                 self._mark(RollbackStep.HEALTH, StepState.DONE, f"{last.version} healthy")
                 return
-            await workflow.sleep(HEALTH_POLL)
+            await workflow.sleep(timedelta(seconds=plan.health_interval_s))
         detail = last.detail if last else "no answer"
         self._mark(RollbackStep.HEALTH, StepState.FAILED, detail)
         raise StepFailed(RollbackStep.HEALTH, f"{plan.version_to} not healthy: {detail}")
+
+    async def _reconcile(self, plan: RollbackPlan, who: str, why: str) -> ReconcileResult:
+        """Database vs venue, the venue wins: the restored rows describe the snapshot's world,
+        not what the venue holds after the cancel and flatten."""
+        result: ReconcileResult = await self._run(
+            RollbackStep.RECONCILE,
+            self._activity(
+                "reconcile_state_db",
+                ReconcileRequest(database=plan.database, accounts=plan.accounts, who=who, why=why),
+                ReconcileResult,
+            ),
+            lambda r: (
+                f"{len(r.corrections)} correction(s); positions "
+                f"{', '.join(f'{s} {q}' for s, q in r.positions.items()) or 'flat'}; "
+                f"{len(r.open_orders)} open order(s)"
+            ),
+        )
+        if not result.agreed:
+            raise StepFailed(
+                RollbackStep.RECONCILE,
+                "database and venue disagree: " + "; ".join(result.disagreements),
+            )
+        return result
 
     async def _set_trading_state(
         self, plan: RollbackPlan, state: TradingState, who: str, why: str
@@ -379,21 +422,18 @@ class RollbackWorkflow:
     # ------------------------------------------------------------------ plumbing
 
     def _activity(
-        self,
-        name: str,
-        arg: Any,
-        result_type: type,
-        timeout: timedelta = timedelta(seconds=30),
-        heartbeat: timedelta | None = None,
+        self, name: str, arg: Any, result_type: type, timeout: timedelta = SHORT_STEP
     ) -> Any:
-        """One saga activity. Short steps get a short start-to-close (a dead worker is noticed
-        within it); long ones heartbeat, so the timeout can be long and detection still fast."""
+        """One saga activity after the plan. Every one heartbeats each second, so the timeout
+        can be as long as the step needs and a dead worker is still noticed within the
+        runbook's ``heartbeat_s``."""
+        timeouts = self._plan.timeouts if self._plan is not None else StepTimeouts()
         return workflow.execute_activity(
             name,
             arg,
             result_type=result_type,
             start_to_close_timeout=timeout,
-            heartbeat_timeout=heartbeat,
+            heartbeat_timeout=timedelta(seconds=timeouts.heartbeat_s),
             retry_policy=STEP_RETRY,
         )
 

@@ -9,7 +9,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from workflows.deploy_models import StrategyRef
 from workflows.shared import KillReport, Model, StepState
@@ -40,6 +40,29 @@ class TradingState(StrEnum):
     HALTED = "HALTED"
 
 
+class StepTimeouts(Model):
+    """Start-to-close timeout of each saga step, in seconds (each bounded to 1 s … 2 h), and how
+    soon a worker that died inside a step is noticed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    snapshot_s: int = Field(default=600, ge=1, le=7200)
+    """Taking a snapshot of the state database (default 600)."""
+    restore_s: int = Field(default=900, ge=1, le=7200)
+    """Restoring a snapshot (default 900)."""
+    activate_s: int = Field(default=300, ge=1, le=7200)
+    """Switching the target to a version and starting it (default 300)."""
+    stop_s: int = Field(default=120, ge=1, le=7200)
+    """Stopping the running version (default 120)."""
+    cancel_s: int = Field(default=300, ge=1, le=7200)
+    """Cancelling every open order (default 300)."""
+    flatten_s: int = Field(default=600, ge=1, le=7200)
+    """Flattening positions, once decided (default 600)."""
+    heartbeat_s: int = Field(default=10, ge=1, le=300)
+    """Every step heartbeats each second; after this long without one, the worker running it is
+    taken for dead and the step is retried on another (default 10)."""
+
+
 class RollbackInput(Model):
     strategy: str = Field(pattern=NAME_PATTERN)
     env: str = Field(pattern=NAME_PATTERN)
@@ -67,6 +90,9 @@ class RollbackPlan(Model):
     approvers: list[str] = Field(default_factory=list)
     quorum: int = Field(default=1, ge=1)
     health_timeout_s: float = Field(default=60.0, gt=0)
+    health_interval_s: float = Field(default=1.0, gt=0)
+    timeouts: StepTimeouts = Field(default_factory=StepTimeouts)
+    """The runbook's step timeouts (plans recorded before they existed decode to the defaults)."""
 
 
 class TradingStateRequest(Model):
@@ -110,7 +136,41 @@ class RollbackStep(StrEnum):
     RESTORE = "restore"
     ACTIVATE = "activate"
     HEALTH = "health"
+    RECONCILE = "reconcile"
     NOTIFY = "notify"
+
+
+class ReconcileRequest(Model):
+    """Make the strategy's database agree with the venue (the venue wins), then check it does."""
+
+    database: DatabaseRef
+    accounts: list[str]
+    who: str
+    why: str
+
+
+class Correction(Model):
+    """One row the reconcile changed: what the database said, what the venue said."""
+
+    table: Literal["positions", "orders"]
+    key: str
+    """Exchange symbol (positions) or client order id (orders)."""
+    database: str
+    venue: str
+
+
+class ReconcileResult(Model):
+    corrections: list[Correction] = Field(default_factory=list)
+    positions: dict[str, str] = Field(default_factory=dict)
+    """Net position per exchange symbol, as both sides now agree (flat ones left out)."""
+    open_orders: list[str] = Field(default_factory=list)
+    """Client ids of orders open on the venue and in the database after the reconcile."""
+    disagreements: list[str] = Field(default_factory=list)
+    """What still differs after the corrections (empty: they agree)."""
+
+    @property
+    def agreed(self) -> bool:
+        return not self.disagreements
 
 
 class TimelineEntry(Model):
@@ -141,6 +201,7 @@ class RollbackReport(Model):
     """What happened to positions: flattened, held (policy), held (rejected), held (timeout)..."""
     approvals: list[str] = Field(default_factory=list)
     kills: list[KillReport] = Field(default_factory=list)
+    reconcile: ReconcileResult | None = None
     failed_step: RollbackStep | None = None
     error: str = ""
     timeline: list[TimelineEntry] = Field(default_factory=list)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeat import heartbeating
 from activities.targets.base import DeployTarget, TargetError
 from workflows.deploy_models import (
     ActivateRequest,
@@ -46,7 +47,8 @@ class TargetActivities:
         """Stop every running version (idempotent: nothing running is a success)."""
         activity.logger.info("stop %s by %s: %s", request.ref, request.requested_by, request.reason)
         try:
-            stopped = await self.target(request.ref).stop()
+            async with heartbeating({"phase": "stopping"}):
+                stopped = await self.target(request.ref).stop()
         except TargetError as e:
             raise self._error(request.ref, e) from None
         return StopResult(ref=request.ref, stopped_versions=stopped)
@@ -55,16 +57,18 @@ class TargetActivities:
     async def activate_version(self, request: ActivateRequest) -> ActivationRecord:
         """Switch to the version; a repeat of the current activation changes nothing."""
         try:
-            return await self.target(request.ref).activate(
-                request.version, requested_by=request.requested_by, reason=request.reason
-            )
+            async with heartbeating({"phase": f"activating {request.version}"}):
+                return await self.target(request.ref).activate(
+                    request.version, requested_by=request.requested_by, reason=request.reason
+                )
         except TargetError as e:
             raise self._error(request.ref, e) from None
 
     @activity.defn(name="check_health")
     async def check_health(self, request: HealthRequest) -> HealthReport:
         """One /healthz look (unhealthy is a result, not an error: the workflow decides)."""
-        return await self.target(request.ref).health(request.timeout_s)
+        async with heartbeating({"phase": "probing"}):
+            return await self.target(request.ref).health(request.timeout_s)
 
     @activity.defn(name="current_version")
     async def current_version(self, ref: StrategyRef) -> CurrentVersion:

@@ -38,6 +38,9 @@ KILL_SCENARIOS = {
 ROLLBACK_SCENARIOS = {
     "rollback_auto_flatten": FakeSystem(plan()),
     "rollback_safe_stop_at_activate": FakeSystem(plan(), fail_activate=True),
+    "rollback_safe_stop_at_reconcile": FakeSystem(
+        plan(), disagree=["position BTCUSDT: database 0.004, venue 0"]
+    ),
 }
 WORKFLOWS = [KillSwitchWorkflow, RollbackWorkflow]
 

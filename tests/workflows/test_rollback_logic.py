@@ -30,6 +30,8 @@ from workflows.rollback import RollbackWorkflow
 from workflows.rollback_models import (
     ApprovalDecision,
     FlattenMode,
+    ReconcileRequest,
+    ReconcileResult,
     RollbackInput,
     RollbackOutcome,
     RollbackPlan,
@@ -84,6 +86,8 @@ class FakeSystem:
     calls: list[str] = field(default_factory=list)
     fail_activate: bool = False
     healthy_after: int = 1
+    disagree: list[str] = field(default_factory=list)
+    """What the reconcile still finds different after correcting (empty: they agree)."""
 
     def activities(self) -> list:
         @activity.defn(name="plan_rollback")
@@ -137,7 +141,12 @@ class FakeSystem:
                 version="1.3.0",
             )
 
-        return [plan_rollback, set_state, stop, restore, activate, health]
+        @activity.defn(name="reconcile_state_db")
+        async def reconcile(r: ReconcileRequest) -> ReconcileResult:
+            self.calls.append(f"reconcile:{','.join(r.accounts)}")
+            return ReconcileResult(disagreements=self.disagree)
+
+        return [plan_rollback, set_state, stop, restore, activate, health, reconcile]
 
 
 def kill_scopes(venue: FakeVenue) -> list[str]:
@@ -178,6 +187,7 @@ async def test_auto_policy_runs_every_step_in_order(time_env) -> None:
         "state:HALTED",
         "activate:1.3.0",
         "health",
+        "reconcile:a",
         "state:ACTIVE",
     ]
     done = [e.step for e in report.timeline if e.state == "done"]
@@ -276,3 +286,20 @@ async def test_a_permanent_failure_stops_in_a_safe_state(time_env) -> None:
     assert tail == ["state:HALTED", "stop"]
     assert "health" not in system.calls and "state:ACTIVE" not in system.calls
     assert any(n.severity == "critical" and "STOPPED SAFELY" in n.text for n in venue.notified)
+
+
+async def test_database_and_venue_still_disagreeing_stops_before_trading(time_env) -> None:
+    disagreement = "position BTCUSDT: database 0.004, venue 0"
+    system, venue = FakeSystem(plan(), disagree=[disagreement]), FakeVenue()
+    handle, worker = await start(time_env, system, venue)
+    try:
+        report: RollbackReport = await handle.result()
+    finally:
+        await worker.__aexit__(None, None, None)
+    assert report.outcome is RollbackOutcome.SAFE_STOP
+    assert report.failed_step is RollbackStep.RECONCILE
+    assert disagreement in report.error
+    # Never ACTIVE on a database that contradicts the venue: halted and stopped instead.
+    assert "state:ACTIVE" not in system.calls
+    tail = system.calls[system.calls.index("reconcile:a") + 1 :]
+    assert tail == ["state:HALTED", "stop"]
