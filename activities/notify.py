@@ -12,6 +12,7 @@ from typing import Protocol, TextIO
 
 from temporalio import activity
 
+from activities.heartbeat import heartbeating
 from workflows.shared import NotifyRequest
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,11 @@ class NotifyActivities:
     async def notify(self, message: NotifyRequest) -> int:
         """Returns how many channels took the message."""
         delivered = 0
-        for notifier in self.notifiers:
-            try:
-                await notifier.send(message)
-                delivered += 1
-            except Exception:  # a broken channel must not stop the others
-                log.exception("notifier %s failed", type(notifier).__name__)
+        async with heartbeating({"channels": len(self.notifiers)}):
+            for notifier in self.notifiers:
+                try:
+                    await notifier.send(message)
+                    delivered += 1
+                except Exception:  # a broken channel must not stop the others
+                    log.exception("notifier %s failed", type(notifier).__name__)
         return delivered

@@ -19,10 +19,13 @@ left out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections import defaultdict
+from collections.abc import Iterator
 from decimal import Decimal
 
+import psycopg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -113,8 +116,26 @@ class ReconcileActivities:
         return view
 
 
+@contextlib.contextmanager
+def _database_errors() -> Iterator[None]:
+    """A database without the strategy's tables is a wrong runbook (final); an unreachable one
+    is retried within the workflow's policy."""
+    try:
+        yield
+    except (sqlite3.OperationalError, psycopg.errors.UndefinedTable) as e:
+        if isinstance(e, psycopg.errors.UndefinedTable) or "no such table" in str(e):
+            raise ApplicationError(
+                f"not a strategy database (no positions/orders tables): {e}",
+                type="BadDatabase",
+                non_retryable=True,
+            ) from None
+        raise ApplicationError(f"state database: {e}", type="DatabaseUnavailable") from None
+    except (OSError, psycopg.OperationalError) as e:
+        raise ApplicationError(f"state database: {e}", type="DatabaseUnavailable") from None
+
+
 def _read_database(database: Database) -> tuple[dict[str, Decimal], set[str]]:
-    with database.transaction() as cur:
+    with _database_errors(), database.transaction() as cur:
         positions = {
             s: Decimal(q) for s, q in cur.execute("SELECT symbol, qty FROM positions").fetchall()
         }
@@ -129,58 +150,50 @@ def _correct(database: Database, venue: VenueView) -> list[Correction]:
     """One transaction: the database ends up saying what the venue said."""
     corrections: list[Correction] = []
     now = utcnow().isoformat()
-    try:
-        database.init_schema()  # a restored database has it; an empty one gets it
-        with database.transaction() as cur:
-            held = {
-                s: Decimal(q)
-                for s, q in cur.execute("SELECT symbol, qty FROM positions").fetchall()
-            }
-            for symbol in sorted(set(held) | set(venue.positions)):
-                ours, theirs = held.get(symbol, Decimal(0)), venue.positions.get(symbol, Decimal(0))
-                if ours == theirs:
-                    continue
+    with _database_errors(), database.transaction() as cur:
+        held = {
+            s: Decimal(q) for s, q in cur.execute("SELECT symbol, qty FROM positions").fetchall()
+        }
+        for symbol in sorted(set(held) | set(venue.positions)):
+            ours, theirs = held.get(symbol, Decimal(0)), venue.positions.get(symbol, Decimal(0))
+            if ours == theirs:
+                continue
+            corrections.append(
+                Correction(table="positions", key=symbol, database=str(ours), venue=str(theirs))
+            )
+            mark = str(venue.marks.get(symbol, Decimal(0)))
+            cur.execute(
+                "INSERT INTO positions (symbol, qty, entry_price, mark_price, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (symbol) DO UPDATE SET qty = excluded.qty, "
+                "mark_price = excluded.mark_price, updated_at = excluded.updated_at",
+                (symbol, str(theirs), mark, mark, now),
+            )
+        rows = cur.execute("SELECT client_order_id, status FROM orders").fetchall()
+        status = {r[0]: r[1] for r in rows}
+        for cid, was in sorted(status.items()):
+            if was in OPEN_STATUSES and cid not in venue.open_orders:
                 corrections.append(
-                    Correction(table="positions", key=symbol, database=str(ours), venue=str(theirs))
-                )
-                mark = str(venue.marks.get(symbol, Decimal(0)))
-                cur.execute(
-                    "INSERT INTO positions (symbol, qty, entry_price, mark_price, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (symbol) DO UPDATE SET qty = excluded.qty, "
-                    "mark_price = excluded.mark_price, updated_at = excluded.updated_at",
-                    (symbol, str(theirs), mark, mark, now),
-                )
-            rows = cur.execute("SELECT client_order_id, status FROM orders").fetchall()
-            status = {r[0]: r[1] for r in rows}
-            for cid, was in sorted(status.items()):
-                if was in OPEN_STATUSES and cid not in venue.open_orders:
-                    corrections.append(
-                        Correction(table="orders", key=cid, database=was, venue="not open")
-                    )
-                    cur.execute(
-                        "UPDATE orders SET status = ?, updated_at = ? WHERE client_order_id = ?",
-                        (CLOSED_BY_RECONCILE, now, cid),
-                    )
-            for cid, (order_id, symbol, side, amount, price) in sorted(venue.open_orders.items()):
-                was = status.get(cid)
-                if was in OPEN_STATUSES:
-                    continue
-                corrections.append(
-                    Correction(table="orders", key=cid, database=was or "unknown", venue="open")
+                    Correction(table="orders", key=cid, database=was, venue="not open")
                 )
                 cur.execute(
-                    "INSERT INTO orders (client_order_id, order_id, symbol, side, qty, price, "
-                    "reduce_only, status, filled, version, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, 0, 'NEW', '0', 'reconciled', ?, ?) "
-                    "ON CONFLICT (client_order_id) DO UPDATE SET status = 'NEW', "
-                    "order_id = excluded.order_id, updated_at = excluded.updated_at",
-                    (cid, order_id, symbol, side, str(amount), str(price or ""), now, now),
+                    "UPDATE orders SET status = ?, updated_at = ? WHERE client_order_id = ?",
+                    (CLOSED_BY_RECONCILE, now, cid),
                 )
-    except (
-        OSError,
-        sqlite3.OperationalError,
-    ) as e:  # unreachable database: retryable, the workflow's policy bounds it
-        raise ApplicationError(f"state database: {e}", type="DatabaseUnavailable") from None
+        for cid, (order_id, symbol, side, amount, price) in sorted(venue.open_orders.items()):
+            was = status.get(cid)
+            if was in OPEN_STATUSES:
+                continue
+            corrections.append(
+                Correction(table="orders", key=cid, database=was or "unknown", venue="open")
+            )
+            cur.execute(
+                "INSERT INTO orders (client_order_id, order_id, symbol, side, qty, price, "
+                "reduce_only, status, filled, version, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, 0, 'NEW', '0', 'reconciled', ?, ?) "
+                "ON CONFLICT (client_order_id) DO UPDATE SET status = 'NEW', "
+                "order_id = excluded.order_id, updated_at = excluded.updated_at",
+                (cid, order_id, symbol, side, str(amount), str(price or ""), now, now),
+            )
     return corrections
 
 

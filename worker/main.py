@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import Interceptor, Worker
 
 from activities.accounts import ConfigError, load_accounts
 from activities.kill import KillActivities
@@ -135,7 +135,8 @@ def build_worker(
     )
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, interceptors: Sequence[Interceptor] = ()) -> None:
+    """Run the worker until SIGTERM/SIGINT (``interceptors``: e.g. tracing, or a test's faults)."""
     gateway = gateway_for(settings)
     client = await connect(settings)
     stop = asyncio.Event()
@@ -147,6 +148,7 @@ async def serve(settings: Settings) -> None:
         gateway,
         task_queue=settings.task_queue,
         extra_activities=rollback_activities(settings),
+        interceptors=list(interceptors),
     )
     try:
         async with worker:
@@ -163,7 +165,7 @@ async def serve(settings: Settings) -> None:
         await gateway.close()
 
 
-def main() -> None:
+def main(interceptors: Sequence[Interceptor] = ()) -> None:
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -171,7 +173,7 @@ def main() -> None:
     )
     rc = 0
     try:
-        asyncio.run(serve(Settings()))
+        asyncio.run(serve(Settings(), interceptors))
     except (ConfigError, TemporalUnreachable) as e:
         print(f"breakglass worker: {e}", file=sys.stderr)
         rc = 2

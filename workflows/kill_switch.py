@@ -374,6 +374,7 @@ class KillSwitchWorkflow:
                 ),
                 result_type=int,
                 start_to_close_timeout=timedelta(seconds=30),
+                heartbeat_timeout=HEARTBEAT_TIMEOUT,
                 retry_policy=NOTIFY_RETRY,
             )
             self._board.set(Step.NOTIFY, StepState.DONE, "")

@@ -427,15 +427,19 @@ class RollbackWorkflow:
         """One saga activity after the plan. Every one heartbeats each second, so the timeout
         can be as long as the step needs and a dead worker is still noticed within the
         runbook's ``heartbeat_s``."""
-        timeouts = self._plan.timeouts if self._plan is not None else StepTimeouts()
         return workflow.execute_activity(
             name,
             arg,
             result_type=result_type,
             start_to_close_timeout=timeout,
-            heartbeat_timeout=timedelta(seconds=timeouts.heartbeat_s),
+            heartbeat_timeout=self._heartbeat(),
             retry_policy=STEP_RETRY,
         )
+
+    def _heartbeat(self) -> timedelta:
+        """How soon a worker that died inside a step is noticed: the runbook's ``heartbeat_s``."""
+        timeouts = self._plan.timeouts if self._plan is not None else StepTimeouts()
+        return timedelta(seconds=timeouts.heartbeat_s)
 
     async def _run(self, step: RollbackStep, call: Any, describe: Any) -> Any:
         self._current = step
@@ -466,7 +470,8 @@ class RollbackWorkflow:
                     "notify",
                     NotifyRequest(title=title, text=text),
                     result_type=int,
-                    start_to_close_timeout=timedelta(seconds=30),
+                    start_to_close_timeout=SHORT_STEP,
+                    heartbeat_timeout=self._heartbeat(),
                     retry_policy=NOTIFY_RETRY,
                 )
             )
@@ -489,7 +494,8 @@ class RollbackWorkflow:
                     else "critical",
                 ),
                 result_type=int,
-                start_to_close_timeout=timedelta(seconds=30),
+                start_to_close_timeout=SHORT_STEP,
+                heartbeat_timeout=self._heartbeat(),
                 retry_policy=NOTIFY_RETRY,
             )
             self._mark(RollbackStep.NOTIFY, StepState.DONE)

@@ -4,10 +4,12 @@ orders — the venue is read again to check, and a second run finds nothing to c
 
 from __future__ import annotations
 
+import sqlite3
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.reconcile import ReconcileActivities
@@ -166,3 +168,27 @@ async def test_what_still_differs_after_correcting_is_reported(
         await acts.gateway.close()
     assert not result.agreed
     assert result.disagreements == ["position BTCUSDT: database 0, venue 0.001"]
+
+
+async def test_a_database_without_the_strategy_tables_is_refused_for_good(
+    make_rig: MakeRig, tmp_path: Path
+) -> None:
+    path = tmp_path / "empty.sqlite"
+    sqlite3.connect(path).close()
+    rig = await make_rig(n=1, create=True)
+    acts = ReconcileActivities(rig.gateway())
+    try:
+        with pytest.raises(ApplicationError) as refused:
+            await ActivityEnvironment().run(
+                acts.reconcile,
+                ReconcileRequest(
+                    database=DatabaseRef(kind=DatabaseKind.SQLITE, path=path),
+                    accounts=[rig.accounts[0].futures],
+                    who="pytest",
+                    why="wrong runbook",
+                ),
+            )
+    finally:
+        await acts.gateway.close()
+    assert refused.value.type == "BadDatabase" and refused.value.non_retryable
+    assert "no positions/orders tables" in refused.value.message
