@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 
+from psycopg.conninfo import make_conninfo
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -32,10 +33,9 @@ def db_target(database: DatabaseRef) -> str:
                 type="ConfigError",
                 non_retryable=True,
             )
-        separator = "&" if "?" in dsn else "?"
-        dsn = (
-            f"{dsn}{separator}password={password}" if "://" in dsn else f"{dsn} password={password}"
-        )
+        # libpq quoting: a password with a space, a quote or URI metacharacters stays whole
+        # (pasted in raw it broke the conninfo, and the parse error quoted the password).
+        dsn = make_conninfo(dsn, password=password)
     return dsn
 
 
