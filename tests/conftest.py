@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.temporal",
     "tests.fixtures.venues",
     "tests.fixtures.postgres",
+    "tests.fixtures.rollback",
 ]

@@ -15,50 +15,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
-import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from decimal import Decimal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from temporalio.client import Client, WorkflowHandle
 from temporalio.converter import DataConverter
-from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
+from temporalio.testing import WorkflowEnvironment
 
-from activities.snapshots import SnapshotActivities
-from activities.targets import SupervisorTarget
-from activities.targets.activities import TargetActivities
 from sandbox.admin_client import SandboxAdmin
-from sandbox.admin_models import FaultRule, PositionSet
-from sandbox.strategy.config import Fault
-from sandbox.strategy.releases import build_release
-from tests.fixtures.sandbox import SandboxHandle
-from tests.fixtures.temporal import SEARCH_ATTRIBUTE_ARGS
-from tests.fixtures.venues import MakeRig, Rig, assert_no_order_sent_twice
-from tests.helpers import assert_eventually, fresh_id
-from tests.sandbox.test_strategy import strategy_config
-from tests.workflows.test_kill_switch_sandbox import retried_activities, wait_for_poller
-from tests.workflows.test_rollback_sandbox import (
+from sandbox.admin_models import FaultRule
+from tests.fixtures.rollback import (
     FAULTY,
     GOOD,
     HELD,
-    SYMBOL,
+    RollbackScenario,
+    Scenarios,
     healthy,
-    runbook_yaml,
-    wired,
+    kill_group,
 )
+from tests.fixtures.sandbox import free_port
+from tests.fixtures.temporal import SEARCH_ATTRIBUTE_ARGS
+from tests.fixtures.venues import assert_no_order_sent_twice
+from tests.helpers import assert_eventually, fresh_id
+from tests.workflows.test_kill_switch_sandbox import retried_activities, wait_for_poller
 from worker.devstack import find_executable
-from worker.main import rollback_activities
-from worker.settings import Settings
-from workflows.deploy_models import StrategyRef
 from workflows.rollback import RollbackWorkflow
 from workflows.rollback_models import (
     RollbackInput,
@@ -68,26 +53,15 @@ from workflows.rollback_models import (
     RollbackStep,
 )
 from workflows.shared import StepState
-from workflows.snapshot_models import DatabaseRef, SnapshotRecord, SnapshotRequest
 
 pytestmark = pytest.mark.timeout(120)
 
-REPO = Path(__file__).resolve().parents[2]
 ORDER = "POST /fapi/v1/order"
 """The flatten's venue call (the faulty strategy's too: the fault is added once it is stopped)."""
 
 
 @dataclass
-class Scenario:
-    rig: Rig
-    env: str
-    base: Path
-    db: Path
-    runbooks: Path
-    target: SupervisorTarget
-    snapshot: SnapshotRecord | None = None
-    orders_before: set[int] = field(default_factory=set)
-    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+class Scenario(RollbackScenario):
     lock: sqlite3.Connection | None = None
     """A write transaction on the state database, held by the test (the restore waits on it)."""
 
@@ -96,137 +70,21 @@ class Scenario:
             self.lock.close()
             self.lock = None
 
-    @property
-    def api_key(self) -> str:
-        return self.rig.accounts[0].api_key
-
-    def worker_env(self, temporal_address: str, task_queue: str) -> dict[str, str]:
-        """The rig's worker environment on this scenario's runbooks and state (the snapshot
-        catalog); a supervisord it starts gets the strategy's credentials and feed token."""
-        return {
-            **self.rig.worker_env(temporal_address, task_queue),
-            "BREAKGLASS_RUNBOOKS_DIR": str(self.runbooks),
-            "BREAKGLASS_STATE_DIR": str(self.base / "bg"),
-        }
-
-    def start_worker(self, address: str, task_queue: str, log: Path) -> subprocess.Popen[bytes]:
-        """``python -m worker.main`` in its own process group (SIGKILLed as a whole)."""
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.main"],
-            cwd=REPO,
-            env=self.worker_env(address, task_queue),
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.workers.append(proc)
-        return proc
+    def close(self) -> None:
+        super().close()
+        self.release()
 
 
-@contextlib.asynccontextmanager
-async def scenario(
-    sandbox: SandboxHandle,
-    sandbox_admin: SandboxAdmin,
-    make_rig: MakeRig,
-    monkeypatch: pytest.MonkeyPatch,
-    on_runbooks: Callable[[Scenario], object],
-) -> AsyncIterator[Scenario]:
-    """test_rollback_sandbox's starting point: 1.0.0 ran and was snapshotted, the faulty 1.1.0
-    storms the venue, a position is open. ``on_runbooks`` runs once the runbook is written (a
-    worker started there boots while the strategy does). On the way out: the workers are killed,
-    the state database's lock released, supervisord shut down."""
-    rig = await make_rig(n=1, create=True)
-    account = rig.accounts[0]
-    env = f"crash{secrets.token_hex(3)}"
-    base = Path(tempfile.mkdtemp(prefix="bg"))  # short: supervisord's unix socket lives under it
-    db = base / "state.sqlite"
-    for version, fault in ((GOOD, Fault.NONE), (FAULTY, Fault.REJECT_STORM)):
-        build_release(base / "r", "sample", version, fault)
-    config = strategy_config(
-        sandbox,
-        base,
-        db=str(db),
-        symbols=[SYMBOL],
-        loop_interval_s=0.5,
-        api_key_env=account.key_env,
-        secret_env=account.secret_env,
-    )
-    assert config.port_file is not None
-    config_file = base / "strategy.json"
-    config_file.write_text(config.model_dump_json())
-    monkeypatch.setenv("STRATEGY_FEED_TOKEN", sandbox.admin_token)
-    runbooks = base / "rb"
-    runbooks.mkdir()
-    (runbooks / f"sample-{env}.yaml").write_text(
-        runbook_yaml(env, account.futures, base, config_file, config.port_file, db)
-    )
-    rollback = rollback_activities(Settings(runbooks_dir=runbooks, state_dir=base / "bg"))
-    snapshots = wired(rollback, SnapshotActivities)
-    target = wired(rollback, TargetActivities).targets[StrategyRef(strategy="sample", env=env)]
-    assert isinstance(target, SupervisorTarget)
-    s = Scenario(rig=rig, env=env, base=base, db=db, runbooks=runbooks, target=target)
-    try:
-        on_runbooks(s)
-        await target.activate(GOOD, requested_by="pytest", reason="first deploy")
-        await assert_eventually(lambda: healthy(target, GOOD), timeout=15)
-
-        async def quoting() -> None:
-            state = await sandbox_admin.state(account.api_key)
-            assert {(o.symbol, o.side) for o in state.open_orders} == {
-                (SYMBOL, "BUY"),
-                (SYMBOL, "SELL"),
-            }
-
-        await assert_eventually(quoting, timeout=10)
-        snapshot = await ActivityEnvironment().run(
-            snapshots.snapshot,
-            SnapshotRequest(
-                strategy="sample",
-                env=env,
-                version=GOOD,
-                database=DatabaseRef(path=db),
-                reason=f"before deploying {FAULTY}",
-                idempotency_key=f"pytest/{env}/pre-deploy-{FAULTY}",
-            ),
-        )
-        rejected_before = (await sandbox_admin.stats()).requests_by_status.get("400", 0)
-        await target.activate(FAULTY, requested_by="pytest", reason="release 1.1.0")
-        await assert_eventually(lambda: healthy(target, FAULTY), timeout=15)
-
-        async def storming() -> None:
-            stats = await sandbox_admin.stats()
-            assert stats.requests_by_status.get("400", 0) > rejected_before
-
-        await assert_eventually(storming, timeout=10)
-        await sandbox_admin.set_positions(
-            account.api_key, [PositionSet(symbol=HELD, qty=Decimal("0.004"))]
-        )
-        before = await sandbox_admin.state(account.api_key)
-        s.snapshot = snapshot
-        s.orders_before = {o.order_id for o in before.orders}
-        yield s
-    finally:
-        for proc in s.workers:
-            kill_group(proc)
-        s.release()
-        target.shutdown_supervisord()
-        shutil.rmtree(base, ignore_errors=True)
+def crash_scenario(
+    rollback_scenario: Scenarios, on_runbooks: Callable[[Scenario], object]
+) -> contextlib.AbstractAsyncContextManager[Scenario]:
+    """test_rollback_sandbox's starting point on SQLite (see ``tests.fixtures.rollback``);
+    ``on_runbooks`` starts the worker process. On the way out: the workers are killed, the state
+    database's lock released, supervisord shut down."""
+    return rollback_scenario(on_runbooks=on_runbooks, scenario_type=Scenario, env_prefix="crash")
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def kill_group(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is not None and proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_dev_server(db_file: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -336,7 +194,8 @@ async def after_restore_started(s: Scenario, admin: SandboxAdmin, handle: Workfl
     # Held after the last write before the restore (FREEZE to HALTED, then the strategy stops):
     # the restore's backup waits for this write lock, so it cannot finish before the crash.
     await wait_for_step(handle, RollbackStep.CANCEL_ALL, StepState.RUNNING)
-    s.lock = sqlite3.connect(s.db, isolation_level=None)  # released after the crash
+    assert s.database.path is not None
+    s.lock = sqlite3.connect(s.database.path, isolation_level=None)  # released after the crash
     s.lock.execute("BEGIN IMMEDIATE")
     await wait_for_step(handle, RollbackStep.RESTORE, StepState.RUNNING)
     await asyncio.sleep(0.3)  # inside the activity, waiting on the lock
@@ -361,10 +220,8 @@ def rollback_input(s: Scenario) -> RollbackInput:
 @pytest.mark.parametrize("crash", list(CRASHES))
 async def test_worker_sigkilled_mid_rollback_then_restarted_rolls_back(
     dev_env: WorkflowEnvironment,
-    sandbox: SandboxHandle,
     sandbox_admin: SandboxAdmin,
-    make_rig: MakeRig,
-    monkeypatch: pytest.MonkeyPatch,
+    rollback_scenario: Scenarios,
     tmp_path: Path,
     crash: str,
 ) -> None:
@@ -374,12 +231,8 @@ async def test_worker_sigkilled_mid_rollback_then_restarted_rolls_back(
     task_queue = fresh_id("tq-rb-crash")
     log = tmp_path / "worker.log"
     handle: WorkflowHandle | None = None
-    async with scenario(
-        sandbox,
-        sandbox_admin,
-        make_rig,
-        monkeypatch,
-        on_runbooks=lambda s: s.start_worker(address, task_queue, log),
+    async with crash_scenario(
+        rollback_scenario, on_runbooks=lambda s: s.start_worker(address, task_queue, log)
     ) as s:
         try:
             await wait_for_poller(client, task_queue)
@@ -412,10 +265,8 @@ async def test_worker_sigkilled_mid_rollback_then_restarted_rolls_back(
 
 async def test_dev_server_restarted_mid_flatten_rollback_completes(
     converter: DataConverter,
-    sandbox: SandboxHandle,
     sandbox_admin: SandboxAdmin,
-    make_rig: MakeRig,
-    monkeypatch: pytest.MonkeyPatch,
+    rollback_scenario: Scenarios,
     tmp_path: Path,
 ) -> None:
     port = free_port()
@@ -427,11 +278,8 @@ async def test_dev_server_restarted_mid_flatten_rollback_completes(
     task_queue = fresh_id("tq-rb-server")
     try:
         client = await connect(address, converter)
-        async with scenario(
-            sandbox,
-            sandbox_admin,
-            make_rig,
-            monkeypatch,
+        async with crash_scenario(
+            rollback_scenario,
             on_runbooks=lambda s: s.start_worker(address, task_queue, tmp_path / "worker.log"),
         ) as s:
             try:

@@ -1,193 +1,116 @@
 """The rollback saga end to end through the real parts: the Temporal dev server, an in-process
-worker wired like ``worker.main``, supervisord running the sample strategy, its SQLite state
-database and the sandbox exchange. The parts' own views judge the result: the sandbox's admin
-state, supervisord, the strategy's /healthz and its database."""
+worker wired like ``worker.main``, supervisord running the sample strategy, its state database
+(a SQLite file, or a fresh PostgreSQL database) and the sandbox exchange. The parts' own views
+judge the result: the sandbox's admin state, supervisord, the strategy's /healthz and its
+database."""
 
 from __future__ import annotations
 
-import secrets
-import shutil
-import tempfile
-from collections.abc import Callable
-from decimal import Decimal
-from pathlib import Path
-from typing import Any, TypeVar
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator
 
+import psycopg
 import pytest
 from temporalio.client import Client
-from temporalio.testing import ActivityEnvironment
 
-from activities.snapshots import SnapshotActivities
-from activities.targets import SupervisorTarget
-from activities.targets.activities import TargetActivities
 from sandbox.admin_client import SandboxAdmin
-from sandbox.admin_models import PositionSet
-from sandbox.strategy.config import Fault
-from sandbox.strategy.releases import build_release
-from sandbox.strategy.state import state_history
-from tests.fixtures.sandbox import SandboxHandle
-from tests.fixtures.venues import MakeRig
-from tests.helpers import assert_eventually, fresh_id, new_worker
-from tests.sandbox.test_strategy import strategy_config
-from worker.main import WORKFLOWS, activities_for, rollback_activities
-from worker.settings import Settings
-from workflows.deploy_models import StrategyRef
+from tests.fixtures.rollback import (
+    FAULTY,
+    GOOD,
+    HELD,
+    HELD_QTY,
+    RollbackScenario,
+    Scenarios,
+    activity_results,
+    healthy,
+)
+from tests.fixtures.venues import assert_no_order_sent_twice
+from tests.helpers import fresh_id
 from workflows.rollback import RollbackWorkflow
 from workflows.rollback_models import RollbackInput, RollbackOutcome, RollbackStep
 from workflows.shared import KillOutcome, StepState
-from workflows.snapshot_models import DatabaseRef, SnapshotRequest
+from workflows.snapshot_models import DatabaseKind, RestoreResult
 
 pytestmark = pytest.mark.timeout(90)
 
-GOOD, FAULTY = "1.0.0", "1.1.0"
-SYMBOL = "ETHUSDT"
-"""The strategy quotes this one; the position flatten must close is on another symbol."""
-HELD = "BTCUSDT"
-T = TypeVar("T")
+Change = tuple[str, str | None, str, str, str]
+PG_PASSWORD = "s3 cr'et&x%"
+"""Quoting-hostile: a space, a quote and URI metacharacters."""
+WATCH_INTERVAL_S = 0.05
+"""The restore replaces the trading-state history with the snapshot's: the freeze's rows are only
+seen by reading the database while the saga runs (stop, cancel and flatten take seconds)."""
 
 
-def runbook_yaml(
-    env: str, account: str, base: Path, config: Path, port_file: Path, db: Path
-) -> str:
-    return f"""strategy: sample
-env: {env}
-accounts: [{account}]
-target:
-  kind: supervisor
-  releases_root: {base / "r"}
-  state_dir: {base / "t"}
-  strategy_config: {config}
-  http_port: 0
-  port_file: {port_file}
-  start_secs: 1
-database:
-  kind: sqlite
-  path: {db}
-flatten:
-  mode: auto
-timeouts:
-  activate_s: 60
-  flatten_s: 60
-health:
-  path: /healthz
-  timeout_s: 30
-"""
+@contextlib.asynccontextmanager
+async def watching_state_changes(s: RollbackScenario) -> AsyncIterator[list[Change]]:
+    """Every trading-state change the database held at some point during the block, in the
+    order first seen (read-only polling: it never holds a lock a writer waits on for long)."""
+    seen: dict[Change, None] = {}
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        while True:
+            # A read blocked by the restore's transaction, or a database being replaced: next.
+            with contextlib.suppress(sqlite3.Error, psycopg.Error):
+                seen.update(dict.fromkeys(await asyncio.to_thread(s.state_changes)))
+            if stop.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), WATCH_INTERVAL_S)
+
+    changes: list[Change] = []
+    task = asyncio.create_task(watch())
+    try:
+        yield changes
+    finally:
+        stop.set()
+        await task
+        changes.extend(seen)
 
 
-def wired(activities: list[Callable[..., Any]], cls: type[T]) -> T:
-    """The instance behind the worker's bound activity methods of ``cls``."""
-    return next(
-        a.__self__  # type: ignore[attr-defined]
-        for a in activities
-        if isinstance(getattr(a, "__self__", None), cls)
-    )
-
-
-async def healthy(target: SupervisorTarget, version: str) -> None:
-    report = await target.health(timeout_s=1.0)
-    assert report.healthy and report.version == version, report
-
-
+@pytest.mark.parametrize(
+    ("kind", "password"),
+    [
+        pytest.param(DatabaseKind.SQLITE, None, id="sqlite"),
+        pytest.param(DatabaseKind.POSTGRES, None, id="postgres"),
+        # The server trusts 127.0.0.1 and ignores it, but every part must carry it intact.
+        pytest.param(DatabaseKind.POSTGRES, PG_PASSWORD, id="postgres-password-env"),
+    ],
+)
 async def test_rollback_brings_back_the_previous_version_end_to_end(
     client: Client,
-    sandbox: SandboxHandle,
     sandbox_admin: SandboxAdmin,
-    make_rig: MakeRig,
-    monkeypatch: pytest.MonkeyPatch,
+    rollback_scenario: Scenarios,
+    request: pytest.FixtureRequest,
+    kind: DatabaseKind,
+    password: str | None,
 ) -> None:
-    rig = await make_rig(n=1, create=True)
-    account = rig.accounts[0]
-    env = f"e2e{secrets.token_hex(3)}"
-    ref = StrategyRef(strategy="sample", env=env)
-    # Short base: the supervisord unix socket lives under it.
-    base = Path(tempfile.mkdtemp(prefix="bg"))
-    db = base / "state.sqlite"
-    for version, fault in ((GOOD, Fault.NONE), (FAULTY, Fault.REJECT_STORM)):
-        build_release(base / "r", "sample", version, fault)
-    config = strategy_config(
-        sandbox,
-        base,
-        db=str(db),
-        symbols=[SYMBOL],
-        loop_interval_s=0.5,
-        api_key_env=account.key_env,
-        secret_env=account.secret_env,
-    )
-    assert config.port_file is not None
-    config_file = base / "strategy.json"
-    config_file.write_text(config.model_dump_json())
-    # supervisord hands its environment (the rig's credentials are set already) to strategies.
-    monkeypatch.setenv("STRATEGY_FEED_TOKEN", sandbox.admin_token)
-    runbooks = base / "rb"
-    runbooks.mkdir()
-    (runbooks / f"sample-{env}.yaml").write_text(
-        runbook_yaml(env, account.futures, base, config_file, config.port_file, db)
-    )
-
-    # Wired like the worker does it, on this test's runbooks and state folders.
-    rollback = rollback_activities(Settings(runbooks_dir=runbooks, state_dir=base / "bg"))
-    snapshots = wired(rollback, SnapshotActivities)
-    target = wired(rollback, TargetActivities).targets[ref]
-    assert isinstance(target, SupervisorTarget)
-    gateway = rig.gateway()
-    try:
-        # ---- the good version trades; its state is snapshotted before the next deploy
-        await target.activate(GOOD, requested_by="pytest", reason="first deploy")
-        await assert_eventually(lambda: healthy(target, GOOD), timeout=15)
-
-        async def quoting() -> None:
-            state = await sandbox_admin.state(account.api_key)
-            assert {(o.symbol, o.side) for o in state.open_orders} == {
-                (SYMBOL, "BUY"),
-                (SYMBOL, "SELL"),
-            }
-
-        await assert_eventually(quoting, timeout=10)
-        snapshot = await ActivityEnvironment().run(
-            snapshots.snapshot,
-            SnapshotRequest(
-                strategy="sample",
-                env=env,
-                version=GOOD,
-                database=DatabaseRef(path=db),
-                reason=f"before deploying {FAULTY}",
-                idempotency_key=f"pytest/{env}/pre-deploy-{FAULTY}",
-            ),
-        )
-        assert snapshot.version == GOOD and "trading_state" in snapshot.tables
-
-        # ---- the faulty version storms the venue with rejected orders; a position is open
-        rejected_before = (await sandbox_admin.stats()).requests_by_status.get("400", 0)
-        record = await target.activate(FAULTY, requested_by="pytest", reason="release 1.1.0")
-        assert record.previous == GOOD and record.running_versions == [FAULTY]
-        await assert_eventually(lambda: healthy(target, FAULTY), timeout=15)
-
-        async def storming() -> None:
-            stats = await sandbox_admin.stats()
-            assert stats.requests_by_status.get("400", 0) >= rejected_before + 3
-
-        await assert_eventually(storming, timeout=10)
-        await sandbox_admin.set_positions(
-            account.api_key, [PositionSet(symbol=HELD, qty=Decimal("0.004"))]
-        )
-        before = await sandbox_admin.state(account.api_key)
-        orders_before = {o.order_id for o in before.orders}
+    pg_dsn = request.getfixturevalue("pg_database") if kind is DatabaseKind.POSTGRES else None
+    async with rollback_scenario(pg_dsn=pg_dsn, pg_password=password) as s:
+        assert s.snapshot is not None
+        snapshot, target = s.snapshot, s.target
+        assert snapshot.db_kind is kind
+        # What 1.1.0 wrote while it ran: its run and its (rejected) orders.
+        faulty_rows = await asyncio.to_thread(s.rows_of, FAULTY)
+        assert faulty_rows["runs"] == 1 and faulty_rows["orders"] > 0, faulty_rows
 
         # ---- the rollback saga on an in-process worker
-        async with new_worker(
-            client, *WORKFLOWS, activities=[*activities_for(gateway, []), *rollback]
-        ) as worker:
-            report = await client.execute_workflow(
+        async with watching_state_changes(s) as seen, s.worker(client) as worker:
+            handle = await client.start_workflow(
                 RollbackWorkflow.run,
                 RollbackInput(
-                    strategy="sample", env=env, reason="reject storm", requested_by="pytest"
+                    strategy="sample", env=s.env, reason="reject storm", requested_by="pytest"
                 ),
                 id=fresh_id("rollback"),
                 task_queue=worker.task_queue,
             )
+            report = await handle.result()
 
         timeline = "\n".join(f"{e.step.value} {e.state.value} {e.detail}" for e in report.timeline)
         assert report.outcome is RollbackOutcome.ROLLED_BACK, f"{report.error}\n{timeline}"
+        assert password is None or password not in report.model_dump_json()
         assert (report.version_from, report.version_to) == (FAULTY, GOOD)
         assert report.snapshot_id == snapshot.id
         assert report.flatten == "flattened"
@@ -201,30 +124,38 @@ async def test_rollback_brings_back_the_previous_version_end_to_end(
         # without ever changing sign; both kills verified it on the venue.
         assert [k.outcome for k in report.kills] == [KillOutcome.VERIFIED, KillOutcome.VERIFIED]
         assert report.kills[-1].outcome == KillOutcome.VERIFIED
-        after = await sandbox_admin.state(account.api_key)
-        assert [o for o in after.open_orders if o.order_id in orders_before] == []
+        after = await sandbox_admin.state(s.api_key)
+        assert [o for o in after.open_orders if o.order_id in s.orders_before] == []
         assert after.open_conditional_orders == []
         (held,) = [p for p in after.positions if p.symbol == HELD]
         assert held.qty == 0 and not held.flipped, held
+        assert_no_order_sent_twice([after], prefix="bg")
         flattened = report.kills[-1].accounts[0]
         unified = "BTC/USDT:USDT"  # ccxt's name of HELD
         assert any(
-            p.symbol == unified and p.quantity == Decimal("0.004")
-            for p in flattened.positions_before
+            p.symbol == unified and p.quantity == HELD_QTY for p in flattened.positions_before
         ), flattened
         assert all(p.symbol != unified for p in flattened.positions_after), flattened
 
-        # The database: restored to the snapshot's content (the RESTORE step says so).
+        # The database: restored to the snapshot's content (the RESTORE step says so, and the
+        # restore activity's result in history carries the whole checksum it verified).
         (restored,) = [
             e
             for e in report.timeline
             if e.step is RollbackStep.RESTORE and e.state is StepState.DONE
         ]
         assert restored.detail == f"content {snapshot.content_checksum[:12]} (restored)", timeline
+        (restore,) = await activity_results(client, handle, "restore_state_db", RestoreResult)
+        assert restore.content_checksum == snapshot.content_checksum, restore
+        assert restore.changed and restore.content_checksum_before != snapshot.content_checksum
+        # Nothing 1.1.0 wrote survived; 1.0.0 ran again on the restored state.
+        assert await asyncio.to_thread(s.rows_of, FAULTY) == {"orders": 0, "runs": 0}
+        runs = await asyncio.to_thread(s.query, "SELECT version FROM runs ORDER BY id")
+        assert runs == [(GOOD,), (GOOD,)], runs
 
-        # Trading state: REDUCING then HALTED before the stop (the timeline; the restore then
-        # replaced that history with the snapshot's), HALTED again after the restore, ACTIVE
-        # once healthy (the database's own history).
+        # Trading state: REDUCING then HALTED before the stop, HALTED again after the restore
+        # (which replaced that history with the snapshot's), ACTIVE once healthy. The timeline
+        # and the database's own rows, as they were seen during the rollback and as they are.
         why = f"rollback {report.workflow_id}: reject storm"
         freezes = [
             e.detail
@@ -237,13 +168,16 @@ async def test_rollback_brings_back_the_previous_version_end_to_end(
             f"ACTIVE -> HALTED by pytest: {why}",
             f"HALTED -> ACTIVE by pytest: {why}",
         ], timeline
-        history = [(h[1], h[2], h[3], h[4]) for h in state_history(db)]
+        assert [c[1:] for c in seen if c[3] == "pytest"] == [
+            ("ACTIVE", "REDUCING", "pytest", why),
+            ("REDUCING", "HALTED", "pytest", why),
+            ("ACTIVE", "HALTED", "pytest", why),
+            ("HALTED", "ACTIVE", "pytest", why),
+        ], seen
+        history = [c[1:] for c in await asyncio.to_thread(s.state_changes)]
         assert history[-2:] == [
             ("ACTIVE", "HALTED", "pytest", why),
             ("HALTED", "ACTIVE", "pytest", why),
         ], history
+        assert ("REDUCING", "HALTED", "pytest", why) not in history  # the snapshot's history
         print(timeline)
-    finally:
-        target.shutdown_supervisord()
-        await gateway.close()
-        shutil.rmtree(base, ignore_errors=True)
