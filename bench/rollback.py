@@ -53,12 +53,13 @@ import secrets
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
+from unittest import mock
 
 import psycopg
 import yaml
@@ -67,6 +68,8 @@ from psycopg.conninfo import make_conninfo
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.testing import ActivityEnvironment
 
+from activities import db_postgres
+from activities import snapshots as snapshots_module
 from activities.ratelimit import WeightLimiter
 from activities.runbooks import Runbook, load_runbook
 from activities.snapshots import SnapshotActivities, content_checksum
@@ -115,8 +118,9 @@ CLIENT_PREFIX = "sgr1"
 FEED_TOKEN_ENV = "BG_BENCH_FEED_TOKEN"
 ROWS = 1_000_000
 TARGET = 1.3
-FLOOR_POLL_S = 0.05
-"""How often the process-start floor asks /healthz (the saga asks once a second)."""
+FLOOR_POLL_S = 0.1
+"""How often the process-start floor asks /healthz (the saga asks once a second). Not faster:
+every answer opens a database connection in the strategy, which is busy starting up."""
 SETUP_TIMEOUT_S = 120.0
 BUDGET_FACTOR = 2
 """The venue's weight limits and our limiters' budgets are doubled for both sides: the rollback
@@ -405,6 +409,30 @@ def weight_spent(stack: Stack) -> int:
 # --------------------------------------------------------------------------- the rollback
 
 
+@contextlib.contextmanager
+def restore_probe() -> Iterator[list[tuple[str, float, float]]]:
+    """Times the parts of ``restore_state_db`` as the worker (in this process) runs them: each
+    content digest and the ``pg_restore | psql`` pipe, as (part, start, end) on the monotonic
+    clock. Instrumentation only: the same functions run, with the same arguments."""
+    parts: list[tuple[str, float, float]] = []
+
+    def timing(name: str, fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        async def timed(*args: Any) -> T:
+            started = time.monotonic()
+            try:
+                return await fn(*args)
+            finally:
+                parts.append((name, started, time.monotonic()))
+
+        return timed
+
+    with (
+        mock.patch.object(snapshots_module, "content_checksum", timing("digest", content_checksum)),
+        mock.patch.object(db_postgres, "restore", timing("pg_restore|psql", db_postgres.restore)),
+    ):
+        yield parts
+
+
 @dataclass
 class RollbackRun:
     report: RollbackReport
@@ -413,6 +441,8 @@ class RollbackRun:
     go_wall: datetime
     marks: list[tuple[str, str, float, float]]
     """Activities in the worker: (type, account, start, end) in seconds from go."""
+    restore_parts: list[tuple[str, float, float]]
+    """Parts of the restore activity (``restore_probe``), in seconds from go."""
     problem: str | None
     """Why the sandbox's admin view says the venue is not flat; None when it is."""
     http429: int
@@ -473,20 +503,21 @@ async def run_rollback(stack: Stack, scene: Scene) -> RollbackRun:
     request = cli_rollback_input(
         STRATEGY, scene.runbook.env, None, None, "bench R1: reject storm", "bench"
     )
-    with contextlib.redirect_stdout(io.StringIO()):  # the console notifier's messages
+    # The console notifier's messages go to stdout: kept out of the report.
+    with contextlib.redirect_stdout(io.StringIO()), restore_probe() as parts:
         go_wall, go = datetime.now(UTC), time.monotonic()
         handle = await start_rollback(stack, request)
         report: RollbackReport = await handle.result()
         seconds = time.monotonic() - go
+    weight = weight_spent(stack)
     stats = await admin.stats()
-    marks = [(n, a, s - go, e - go) for n, a, s, e in stack.clock.marks]
     problem = await venue_left(stack, scene.pair, before)
-    weight = sum(stats.used_weight.values())
     return RollbackRun(
         report,
         seconds,
         go_wall,
-        marks,
+        [(n, a, s - go, e - go) for n, a, s, e in stack.clock.marks],
+        [(n, s - go, e - go) for n, s, e in parts],
         problem,
         stats.count_429,
         weight,
@@ -605,10 +636,15 @@ def present(m: Measured) -> tuple[str, bool]:
             for n, v in sorted(calls.items(), key=lambda kv: -sum(kv[1]))
         )
     )
+    restore = [s for s in spans if s.step is RollbackStep.RESTORE]
+    if restore:
+        inside = [p for p in run.restore_parts if restore[0].start <= p[1] <= restore[0].end]
+        listed = ", ".join(f"{n} {e - s:.3f}" for n, s, e in inside)
+        other = restore[0].end - restore[0].start - sum(e - s for _, s, e in inside)
+        print(f"restore step: {listed}, the rest {other:.3f} (catalog, artifact sha256, Temporal)")
     print(
-        f"content digest of this database (not in the floor; restore_state_db runs one before "
-        f"and one after pg_restore | psql): {db.digest_live_s:.3f} s live, "
-        f"{db.digest_restored_s:.3f} s right after a restore"
+        f"the floor's own content digests (not in the floor; they check its restore): "
+        f"{db.digest_live_s:.3f} s live, {db.digest_restored_s:.3f} s right after pg_restore"
     )
     kills = ", ".join(
         f"{k.scope.value} {k.outcome.value} (time_to_flat {k.time_to_flat_s or 0:.3f} s)"
