@@ -80,7 +80,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities import db_postgres
 from activities import snapshots as snapshots_module
-from activities.ratelimit import WeightLimiter
+from activities.ratelimit import WINDOW_S, WeightLimiter
 from activities.runbooks import Runbook, load_runbook
 from activities.snapshots import SnapshotActivities, content_checksum
 from activities.targets import SupervisorTarget
@@ -683,9 +683,11 @@ def print_details(m: Measured, spans: list[StepSpan]) -> None:
     heavy = sorted(run.requests.items(), key=lambda kv: -kv[1])[:6]
     budget = f"{BUDGET_SHARE * VENUE_WEIGHT_BUDGETS['fapi.binance.com']:,.0f}/min"
     factor = "" if m.budget_factor == 1 else f", {m.budget_factor}x in this run"
+    partial = " (its last minute only)" if run.seconds > WINDOW_S else ""
     print(
-        f"request weight: rollback {run.weight:,}, floor kill {m.kill_weight:,} (our USDⓈ-M "
-        f"budget {budget}{factor}); rollback requests: " + ", ".join(f"{e} {n}" for e, n in heavy)
+        f"request weight: rollback {run.weight:,}{partial}, floor kill {m.kill_weight:,} (our "
+        f"USDⓈ-M budget {budget}{factor}); rollback requests: "
+        + ", ".join(f"{e} {n}" for e, n in heavy)
     )
 
 
