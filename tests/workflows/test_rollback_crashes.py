@@ -1,25 +1,23 @@
-"""Crash matrix, first slice (issue 3): the rollback saga of test_rollback_sandbox, with the worker
-as a subprocess that is SIGKILLed at a chosen point of the saga (or the Temporal dev server killed
-and restarted), then restarted. The rollback must still end ROLLED_BACK with the same invariants:
-only the previous version runs, nothing from before is open, the position is flat and never
-flipped, the database holds the snapshot's content and no client order id was accepted twice.
+"""The crash matrix (issue 3): the rollback saga of test_rollback_sandbox with the worker as a
+subprocess that dies and is restarted, or the Temporal dev server killed and restarted on its
+SQLite file. Every rollback must still end ROLLED_BACK with the same invariants: only the previous
+version runs, nothing from before is open, the position is flat and never flipped, the database
+holds the snapshot's content and no client order id was accepted twice.
 
-The crash points are found from the workflow's ``status`` timeline (polled fast); each window is
-held open so the crash lands inside the step, not next to it: venue latency for the flatten, a
-write lock on the state database for the restore (its backup waits on the lock), supervisord's
-start time for the activation.
+The worker is ``tests.workflows.crash_worker``: the real worker, which SIGKILLs itself once in
+every activity type of the rollback, at the start, in the middle (after the activity's first
+effect outside the worker: a venue order or cancel answered, a supervisord change, a database
+write committed, a restore written but not verified) or at the end (done, result not reported).
+One rollback per phase, so each dies twelve times.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import sqlite3
 import subprocess
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,8 @@ from temporalio.converter import DataConverter
 from temporalio.testing import WorkflowEnvironment
 
 from sandbox.admin_client import SandboxAdmin
-from sandbox.admin_models import FaultRule
+from sandbox.admin_models import FaultRule, SeedOrder
+from sandbox.prices import to_tick
 from tests.fixtures.rollback import (
     FAULTY,
     GOOD,
@@ -40,8 +39,9 @@ from tests.fixtures.rollback import (
 )
 from tests.fixtures.sandbox import free_port
 from tests.fixtures.temporal import SEARCH_ATTRIBUTE_ARGS
-from tests.fixtures.venues import assert_no_order_sent_twice
+from tests.fixtures.venues import MARKET_BY_SYMBOL, assert_no_order_sent_twice
 from tests.helpers import assert_eventually, fresh_id
+from tests.workflows.crash_worker import PHASES, fired
 from tests.workflows.test_kill_switch_sandbox import retried_activities, wait_for_poller
 from worker.devstack import find_executable
 from workflows.rollback import RollbackWorkflow
@@ -56,32 +56,21 @@ from workflows.shared import StepState
 
 pytestmark = pytest.mark.timeout(120)
 
+CRASH_WORKER = "tests.workflows.crash_worker"
 ORDER = "POST /fapi/v1/order"
 """The flatten's venue call (the faulty strategy's too: the fault is added once it is stopped)."""
 
 
-@dataclass
-class Scenario(RollbackScenario):
-    lock: sqlite3.Connection | None = None
-    """A write transaction on the state database, held by the test (the restore waits on it)."""
-
-    def release(self) -> None:
-        if self.lock is not None:
-            self.lock.close()
-            self.lock = None
-
-    def close(self) -> None:
-        super().close()
-        self.release()
+Scenario = RollbackScenario
 
 
 def crash_scenario(
     rollback_scenario: Scenarios, on_runbooks: Callable[[Scenario], object]
 ) -> contextlib.AbstractAsyncContextManager[Scenario]:
     """test_rollback_sandbox's starting point on SQLite (see ``tests.fixtures.rollback``);
-    ``on_runbooks`` starts the worker process. On the way out: the workers are killed, the state
-    database's lock released, supervisord shut down."""
-    return rollback_scenario(on_runbooks=on_runbooks, scenario_type=Scenario, env_prefix="crash")
+    ``on_runbooks`` starts the worker process. On the way out: the workers are killed and
+    supervisord shut down."""
+    return rollback_scenario(on_runbooks=on_runbooks, env_prefix="crash")
 
 
 # --------------------------------------------------------------------------- processes
@@ -183,81 +172,134 @@ async def check_invariants(report: RollbackReport, s: Scenario, admin: SandboxAd
     assert_no_order_sent_twice([after], prefix="bg")
 
 
-Crash = Callable[[Scenario, SandboxAdmin, WorkflowHandle], Awaitable[None]]
-
-
-async def during_flatten(s: Scenario, admin: SandboxAdmin, handle: WorkflowHandle) -> None:
-    await slow_flatten(s, admin, handle)
-
-
-async def after_restore_started(s: Scenario, admin: SandboxAdmin, handle: WorkflowHandle) -> None:
-    # Held after the last write before the restore (FREEZE to HALTED, then the strategy stops):
-    # the restore's backup waits for this write lock, so it cannot finish before the crash.
-    await wait_for_step(handle, RollbackStep.CANCEL_ALL, StepState.RUNNING)
-    assert s.database.path is not None
-    s.lock = sqlite3.connect(s.database.path, isolation_level=None)  # released after the crash
-    s.lock.execute("BEGIN IMMEDIATE")
-    await wait_for_step(handle, RollbackStep.RESTORE, StepState.RUNNING)
-    await asyncio.sleep(0.3)  # inside the activity, waiting on the lock
-
-
-async def after_activate_started(s: Scenario, admin: SandboxAdmin, handle: WorkflowHandle) -> None:
-    await wait_for_step(handle, RollbackStep.ACTIVATE, StepState.RUNNING)
-
-
-CRASHES: dict[str, tuple[Crash, str, str]] = {
-    # name: (wait for the crash point, activity that must have been retried, in which workflow)
-    "flatten": (during_flatten, "flatten", "/flatten"),
-    "restore": (after_restore_started, "restore_state_db", ""),
-    "activate": (after_activate_started, "activate_version", ""),
-}
-
-
 def rollback_input(s: Scenario) -> RollbackInput:
     return RollbackInput(strategy="sample", env=s.env, reason="reject storm", requested_by="pytest")
 
 
-@pytest.mark.parametrize("crash", list(CRASHES))
-async def test_worker_sigkilled_mid_rollback_then_restarted_rolls_back(
+ROLLBACK_ACTIVITIES = (
+    "plan_rollback",
+    "set_trading_state",
+    "stop_strategy",
+    "halt_account",  # the kill switch children's, like the next three
+    "cancel_all",
+    "flatten",
+    "snapshot_venue_state",
+    "restore_state_db",
+    "activate_version",
+    "check_health",
+    "reconcile_state_db",
+    "notify",
+)
+"""Every activity type a rollback runs: the crash matrix kills the worker in each of them."""
+READ_ONLY = {"plan_rollback", "snapshot_venue_state", "check_health", "notify"}
+"""No effect outside the worker to cut in the middle of: their "middle" is their end."""
+MAYBE_NOTHING_TO_DO = {"reconcile_state_db"}
+"""Writes only what differs: the restarted 1.0.0 (HALTED) reconciles its own rows from the venue
+every loop, and may have done so before the step runs."""
+RESTING = ("SOLUSDT", "BNBUSDT")
+"""Symbols the strategy never quotes: orders resting there are for the kill switch to cancel
+(and to arm its dead-man switch on), so halt_account and cancel_all have effects to cut."""
+
+
+async def resting_orders(s: Scenario, admin: SandboxAdmin) -> None:
+    prices = (await admin.prices()).prices
+    ids = await admin.seed_orders(
+        s.api_key,
+        [
+            SeedOrder(
+                symbol=symbol,
+                side="BUY",
+                qty=MARKET_BY_SYMBOL[symbol].min_qty * 10,
+                price=to_tick(prices[symbol] * Decimal("0.8"), MARKET_BY_SYMBOL[symbol].tick),
+                client_order_id=f"manual-{symbol.lower()}-{n}",
+            )
+            for symbol in RESTING
+            for n in range(2)
+        ],
+    )
+    s.orders_before |= set(ids)
+
+
+async def run_with_restarts(
+    s: Scenario, handle: WorkflowHandle, restart: Callable[[], object], ledger: Path
+) -> RollbackReport:
+    """Restart the worker each time it dies on a cue, until the rollback ends. A death that
+    fired no cue is a real crash: fail."""
+    result = asyncio.ensure_future(handle.result())
+    deaths = 0
+    try:
+        while not result.done():
+            worker = s.workers[-1]
+            if worker.poll() is not None:
+                deaths += 1
+                assert len(fired(ledger)) == deaths, (
+                    f"worker exited {worker.returncode} without a cue: {fired(ledger)}"
+                )
+                restart()
+            await asyncio.wait([result], timeout=0.1)
+        return await asyncio.wait_for(result, timeout=1)
+    finally:
+        result.cancel()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("phase", PHASES)
+async def test_worker_killed_in_every_step_of_the_rollback_still_rolls_back(
     dev_env: WorkflowEnvironment,
     sandbox_admin: SandboxAdmin,
     rollback_scenario: Scenarios,
     tmp_path: Path,
-    crash: str,
+    phase: str,
 ) -> None:
-    wait_for_crash_point, retried, in_workflow = CRASHES[crash]
+    """One rollback, the worker SIGKILLed once in every activity type it runs — at the start,
+    in the middle (after its first outside effect) or at the end (result not yet reported) —
+    and restarted each time (``tests.workflows.crash_worker``)."""
     client = dev_env.client
     address = client.service_client.config.target_host
-    task_queue = fresh_id("tq-rb-crash")
-    log = tmp_path / "worker.log"
+    task_queue = fresh_id("tq-rb-matrix")
+    log, ledger = tmp_path / "worker.log", tmp_path / "crashes.ledger"
+    cues = ",".join(f"{name}:{phase}" for name in ROLLBACK_ACTIVITIES)
     handle: WorkflowHandle | None = None
-    async with crash_scenario(
-        rollback_scenario, on_runbooks=lambda s: s.start_worker(address, task_queue, log)
-    ) as s:
+
+    def start(s: Scenario) -> None:
+        s.start_worker(
+            address,
+            task_queue,
+            log,
+            module=CRASH_WORKER,
+            extra_env={"BG_CRASH_AT": cues, "BG_CRASH_LEDGER": str(ledger)},
+        )
+
+    async with crash_scenario(rollback_scenario, on_runbooks=start) as s:
         try:
+            await resting_orders(s, sandbox_admin)
             await wait_for_poller(client, task_queue)
             handle = await client.start_workflow(
                 RollbackWorkflow.run,
                 rollback_input(s),
-                id=fresh_id("rollback-crash"),
+                id=fresh_id("rollback-matrix"),
                 task_queue=task_queue,
             )
-            await wait_for_crash_point(s, sandbox_admin, handle)
-            (first,) = s.workers
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-            s.release()
-            s.start_worker(address, task_queue, log)
-            report: RollbackReport = await asyncio.wait_for(handle.result(), timeout=90)
+            report = await run_with_restarts(s, handle, lambda: start(s), ledger)
             await check_invariants(report, s, sandbox_admin)
-            history = await client.get_workflow_handle(handle.id + in_workflow).fetch_history()
-            assert retried in retried_activities(history), (
-                f"the killed {retried} attempt was not retried"
-            )
+            crashes = fired(ledger)
+            assert sorted(crashes) == sorted(ROLLBACK_ACTIVITIES), crashes
+            if phase == "middle":
+                cut = {name for name, how in crashes.items() if how.startswith("middle: after")}
+                effectful = set(ROLLBACK_ACTIVITIES) - READ_ONLY
+                assert effectful - MAYBE_NOTHING_TO_DO <= cut <= effectful, crashes
+            else:
+                assert set(crashes.values()) == {phase}, crashes
+            # Every killed attempt was retried (local activities re-run on replay instead).
+            retried = set()
+            for workflow_id in (handle.id, f"{handle.id}/cancel_all", f"{handle.id}/flatten"):
+                history = await client.get_workflow_handle(workflow_id).fetch_history()
+                retried |= set(retried_activities(history))
+            local = {"halt_account", "snapshot_venue_state"}
+            assert retried >= set(ROLLBACK_ACTIVITIES) - local, retried
         finally:
             for proc in s.workers:
                 kill_group(proc)
-            await sandbox_admin.clear_faults()
             if handle is not None:
                 with contextlib.suppress(Exception):
                     await handle.terminate("test cleanup")
