@@ -69,6 +69,8 @@ PLAN_HEARTBEAT = timedelta(seconds=5)
 """The plan brings the runbook's heartbeat timeout; the plan step itself uses this one."""
 RECONCILE_PATCH = "reconcile-before-active"
 """Runs recorded before the reconcile step existed replay without it."""
+TOGETHER_PATCH = "venue-and-restore-together"
+"""Runs recorded before replay their sequential unwind (and two kills under ``auto``)."""
 
 
 class StepFailed(Exception):
@@ -146,9 +148,8 @@ class RollbackWorkflow:
     @workflow.run
     async def run(self, request: RollbackInput) -> RollbackReport:
         self._input = request
-        info = workflow.info()
-        report = RollbackReport(
-            workflow_id=info.workflow_id,
+        self._draft = RollbackReport(
+            workflow_id=workflow.info().workflow_id,
             strategy=request.strategy,
             env=request.env,
             reason=request.reason,
@@ -156,16 +157,21 @@ class RollbackWorkflow:
             outcome=RollbackOutcome.ROLLED_BACK,
         )
         try:
-            report = await self._saga(request, report)
+            await self._saga(request)
         except StepFailed as failure:
-            report = await self._safe_stop(request, report, failure)
+            await self._safe_stop(request, failure)
+        report = self._draft
         await self._notify(report)
         await asyncio.gather(*self._told, return_exceptions=True)
         self._report = report.model_copy(update={"timeline": self._timeline})
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._report
 
-    async def _saga(self, request: RollbackInput, report: RollbackReport) -> RollbackReport:
+    def _record(self, **fields: Any) -> None:
+        """Into the report as soon as it is known: a safe stop reports everything done before."""
+        self._draft = self._draft.model_copy(update=fields)
+
+    async def _saga(self, request: RollbackInput) -> None:
         plan = await self._run(
             RollbackStep.PLAN,
             workflow.execute_activity(
@@ -179,12 +185,8 @@ class RollbackWorkflow:
             lambda p: f"{p.version_from} -> {p.version_to}, snapshot {p.snapshot.id}",
         )
         self._plan = plan
-        report = report.model_copy(
-            update={
-                "version_from": plan.version_from,
-                "version_to": plan.version_to,
-                "snapshot_id": plan.snapshot.id,
-            }
+        self._record(
+            version_from=plan.version_from, version_to=plan.version_to, snapshot_id=plan.snapshot.id
         )
         why = f"rollback {workflow.info().workflow_id}: {request.reason}"
         # Soft stop first (only reducing orders), then hard stop: the strategy obeys its database.
@@ -200,32 +202,21 @@ class RollbackWorkflow:
             ),
             lambda r: f"stopped {', '.join(r.stopped_versions) or 'nothing (none running)'}",
         )
-        kill = await self._kill(plan, request, KillScope.CANCEL_ONLY, RollbackStep.CANCEL_ALL)
-        report = report.model_copy(update={"kills": [kill]})
-        flatten, kills = await self._flatten(plan, request)
-        report = report.model_copy(
-            update={
-                "flatten": flatten,
-                "kills": report.kills + kills,
-                "approvals": self._approval.approvals,
-            }
-        )
-        await self._run(
-            RollbackStep.RESTORE,
-            self._activity(
-                "restore_state_db",
-                RestoreRequest(
-                    snapshot_id=plan.snapshot.id,
-                    strategy=plan.ref.strategy,
-                    env=plan.ref.env,
-                    database=plan.database,
-                    reason=why,
-                ),
-                RestoreResult,
-                timeout=timedelta(seconds=plan.timeouts.restore_s),
-            ),
-            lambda r: f"content {r.content_checksum[:12]} ({'restored' if r.changed else 'same'})",
-        )
+        if workflow.patched(TOGETHER_PATCH):
+            # Nothing of the strategy runs now: the venue and the database are unwound at the
+            # same time (a restore does not wait for an approval, nor a flatten for a restore).
+            # Both branches finish before anything else happens, failed or not.
+            outcomes = await asyncio.gather(
+                self._unwind_venue(plan, request, one_kill=True),
+                self._restore(plan, why),
+                return_exceptions=True,
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        else:
+            await self._unwind_venue(plan, request, one_kill=False)
+            await self._restore(plan, why)
         # The restored database carries the trading state of its time: hold it HALTED until the
         # previous version is up and healthy, then let it trade.
         await self._set_trading_state(plan, TradingState.HALTED, request.requested_by, why)
@@ -246,12 +237,50 @@ class RollbackWorkflow:
         )
         await self._wait_healthy(plan)
         if workflow.patched(RECONCILE_PATCH):
-            reconciled = await self._reconcile(plan, request.requested_by, why)
-            report = report.model_copy(update={"reconcile": reconciled})
+            self._record(reconcile=await self._reconcile(plan, request.requested_by, why))
         await self._set_trading_state(plan, TradingState.ACTIVE, request.requested_by, why)
-        return report
 
     # ------------------------------------------------------------------ steps
+
+    async def _unwind_venue(
+        self, plan: RollbackPlan, request: RollbackInput, *, one_kill: bool
+    ) -> None:
+        """Every order cancelled, then positions flattened per policy; each verified on the venue
+        by the kill switch. With ``auto`` one flatten kill does both (it cancels first)."""
+        if one_kill and plan.flatten is FlattenMode.AUTO:
+            self._mark(RollbackStep.CANCEL_ALL, StepState.RUNNING, "by the flatten kill")
+            kill = await self._kill(plan, request, KillScope.FLATTEN, RollbackStep.FLATTEN)
+            cancelled = sum(a.orders_cancelled for a in kill.accounts)
+            detail = f"{cancelled} cancelled, verified by the flatten kill"
+            self._mark(RollbackStep.CANCEL_ALL, StepState.DONE, detail)
+            self._record(flatten="flattened", kills=[kill])
+            return
+        kill = await self._kill(plan, request, KillScope.CANCEL_ONLY, RollbackStep.CANCEL_ALL)
+        self._record(kills=[kill])
+        flatten, kills = await self._flatten(plan, request)
+        self._record(
+            flatten=flatten,
+            kills=self._draft.kills + kills,
+            approvals=self._approval.approvals,
+        )
+
+    async def _restore(self, plan: RollbackPlan, why: str) -> None:
+        await self._run(
+            RollbackStep.RESTORE,
+            self._activity(
+                "restore_state_db",
+                RestoreRequest(
+                    snapshot_id=plan.snapshot.id,
+                    strategy=plan.ref.strategy,
+                    env=plan.ref.env,
+                    database=plan.database,
+                    reason=why,
+                ),
+                RestoreResult,
+                timeout=timedelta(seconds=plan.timeouts.restore_s),
+            ),
+            lambda r: f"content {r.content_checksum[:12]} ({'restored' if r.changed else 'same'})",
+        )
 
     async def _flatten(
         self, plan: RollbackPlan, request: RollbackInput
@@ -371,9 +400,7 @@ class RollbackWorkflow:
             lambda c: c.message,
         )
 
-    async def _safe_stop(
-        self, request: RollbackInput, report: RollbackReport, failure: StepFailed
-    ) -> RollbackReport:
+    async def _safe_stop(self, request: RollbackInput, failure: StepFailed) -> None:
         """Leave the system where nobody is hurt: HALTED, not running, nothing open. Each part
         is best effort and recorded; the report names the step that failed and why."""
         plan = self._plan
@@ -408,15 +435,14 @@ class RollbackWorkflow:
                     notes.append(f"{name} failed too: {_message(e)}")
             # Cancelling again is harmless and guarantees "no orders" whatever step failed.
             try:
-                await self._kill(plan, request, KillScope.CANCEL_ONLY, RollbackStep.CANCEL_ALL)
+                kill = await self._kill(
+                    plan, request, KillScope.CANCEL_ONLY, RollbackStep.CANCEL_ALL
+                )
+                self._record(kills=[*self._draft.kills, kill])
             except StepFailed as e:
                 notes.append(f"cancel-all failed too: {e}")
-        return report.model_copy(
-            update={
-                "outcome": RollbackOutcome.SAFE_STOP,
-                "failed_step": failure.step,
-                "error": " | ".join(notes),
-            }
+        self._record(
+            outcome=RollbackOutcome.SAFE_STOP, failed_step=failure.step, error=" | ".join(notes)
         )
 
     # ------------------------------------------------------------------ plumbing

@@ -177,7 +177,11 @@ async def test_auto_policy_runs_every_step_in_order(time_env) -> None:
         await worker.__aexit__(None, None, None)
     assert report.outcome is RollbackOutcome.ROLLED_BACK
     assert report.flatten == "flattened"
-    assert [k.scope for k in report.kills] == [KillScope.CANCEL_ONLY, KillScope.FLATTEN]
+    # One flatten kill cancels and flattens (auto needs no cancel-only pass of its own).
+    assert [k.scope for k in report.kills] == [KillScope.FLATTEN]
+    cancel = [e for e in report.timeline if e.step is RollbackStep.CANCEL_ALL]
+    assert [e.state for e in cancel] == ["running", "done"]
+    assert "verified by the flatten kill" in cancel[-1].detail
     assert system.calls == [
         "plan",
         "state:REDUCING",
@@ -226,6 +230,10 @@ async def test_approval_refuses_strangers_and_the_requester_without_a_trace(time
                 )
             assert reason in str(refused.value.cause)
         assert await update_events(handle) == 0  # refusals left nothing in history
+        # The database does not wait for the approval: restored while the question is open.
+        assert "restore:snap-a" in system.calls
+        status = await handle.query(RollbackWorkflow.status)
+        assert status.awaiting_approval
         state = await handle.execute_update(
             RollbackWorkflow.approve_flatten, ApprovalDecision(approver="bob"), id="slack-action-1"
         )
@@ -281,6 +289,10 @@ async def test_a_permanent_failure_stops_in_a_safe_state(time_env) -> None:
     assert report.outcome is RollbackOutcome.SAFE_STOP
     assert report.failed_step is RollbackStep.ACTIVATE
     assert "release 1.3.0 missing" in report.error
+    # Everything done before the failure is in the report: the exact state it stopped in.
+    assert (report.version_from, report.version_to) == ("1.4.0", "1.3.0")
+    assert report.snapshot_id == SNAPSHOT.id and report.flatten == "flattened"
+    assert [k.scope for k in report.kills] == [KillScope.FLATTEN, KillScope.CANCEL_ONLY]
     # After the failure: halted, stopped, and every order cancelled once more.
     tail = system.calls[system.calls.index("activate:1.3.0") + 1 :]
     assert tail == ["state:HALTED", "stop"]

@@ -30,7 +30,7 @@ from tests.fixtures.venues import assert_no_order_sent_twice
 from tests.helpers import fresh_id
 from workflows.rollback import RollbackWorkflow
 from workflows.rollback_models import RollbackInput, RollbackOutcome, RollbackStep
-from workflows.shared import KillOutcome, StepState
+from workflows.shared import KillOutcome, KillScope, StepState
 from workflows.snapshot_models import DatabaseKind, RestoreResult
 
 pytestmark = pytest.mark.timeout(90)
@@ -121,9 +121,11 @@ async def test_rollback_brings_back_the_previous_version_end_to_end(
         await healthy(target, GOOD)
 
         # The venue: every order alive before the rollback is gone, the position is closed
-        # without ever changing sign; both kills verified it on the venue.
-        assert [k.outcome for k in report.kills] == [KillOutcome.VERIFIED, KillOutcome.VERIFIED]
-        assert report.kills[-1].outcome == KillOutcome.VERIFIED
+        # without ever changing sign; the flatten kill (policy auto: it cancels first, so one kill
+        # does both) verified it on the venue.
+        assert [(k.scope, k.outcome) for k in report.kills] == [
+            (KillScope.FLATTEN, KillOutcome.VERIFIED)
+        ]
         after = await sandbox_admin.state(s.api_key)
         assert [o for o in after.open_orders if o.order_id in s.orders_before] == []
         assert after.open_conditional_orders == []
@@ -136,6 +138,9 @@ async def test_rollback_brings_back_the_previous_version_end_to_end(
             p.symbol == unified and p.quantity == HELD_QTY for p in flattened.positions_before
         ), flattened
         assert all(p.symbol != unified for p in flattened.positions_after), flattened
+        # Before ACTIVE, database and venue were reconciled (the venue won) and agreed.
+        assert report.reconcile is not None and report.reconcile.agreed, report.reconcile
+        assert HELD not in report.reconcile.positions
 
         # The database: restored to the snapshot's content (the RESTORE step says so, and the
         # restore activity's result in history carries the whole checksum it verified).
