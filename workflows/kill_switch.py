@@ -50,6 +50,15 @@ VENUE_RETRY = RetryPolicy(
     maximum_attempts=20,
     non_retryable_error_types=["AuthFailed", "ConfigError"],
 )
+# The verify look retries until the venue answers, within VERIFY_PATIENCE: a venue that rate
+# limits us (one weight minute) must not turn a flat account into an "unverified" kill.
+VERIFY_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=5),
+    non_retryable_error_types=["AuthFailed", "ConfigError"],
+)
+VERIFY_PATIENCE = timedelta(seconds=90)
 # A hard-killed worker is noticed after this long without a heartbeat, and the work moves on.
 HEARTBEAT_TIMEOUT = timedelta(seconds=5)
 NOTIFY_RETRY = RetryPolicy(maximum_attempts=3, maximum_interval=timedelta(seconds=5))
@@ -295,7 +304,8 @@ class KillSwitchWorkflow:
                     AccountRequest(account=account),
                     result_type=VenueSnapshot,
                     start_to_close_timeout=timedelta(seconds=20),
-                    retry_policy=RetryPolicy(maximum_attempts=5),
+                    schedule_to_close_timeout=VERIFY_PATIENCE,
+                    retry_policy=VERIFY_RETRY,
                 ),
                 ok=flat_enough,
             )

@@ -48,8 +48,13 @@ class FakeVenue:
     flatten_calls: list[FlattenRequest] = field(default_factory=list)
     notified: list[NotifyRequest] = field(default_factory=list)
     left: dict[str, list[Position]] = field(default_factory=dict)
+    rate_limited: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(activity, account) -> how many more calls the venue answers 429 to."""
 
     def _maybe_fail(self, step: str, account: str) -> None:
+        if self.rate_limited.get((step, account), 0) > 0:
+            self.rate_limited[(step, account)] -= 1
+            raise ApplicationError(f"{account}: RateLimited: 429 weight", type="RateLimited")
         if (step, account) in self.fail:
             raise ApplicationError(
                 self.fail[(step, account)], type="AuthFailed", non_retryable=True
@@ -79,6 +84,7 @@ class FakeVenue:
 
         @activity.defn(name="snapshot_venue_state")
         async def snapshot(r: AccountRequest) -> VenueSnapshot:
+            self._maybe_fail("snapshot_venue_state", r.account)
             return VenueSnapshot(
                 account=r.account,
                 taken_at=datetime.now(UTC),
@@ -194,3 +200,10 @@ async def test_an_account_failing_every_step_ends_unverified_not_failed(time_env
     report = await run_kill(time_env, venue, request("a"))
     assert report.outcome is KillOutcome.UNVERIFIED
     assert len(report.accounts[0].errors) == 2
+
+
+async def test_a_rate_limited_verify_waits_for_the_venue_instead_of_giving_up(time_env) -> None:
+    venue = FakeVenue(rate_limited={("snapshot_venue_state", "a"): 6})
+    report = await run_kill(time_env, venue, request("a"))
+    assert report.outcome is KillOutcome.VERIFIED, report.accounts[0].errors
+    assert venue.rate_limited[("snapshot_venue_state", "a")] == 0
