@@ -151,6 +151,12 @@ def rollback(
                 f"positions {report.flatten or 'untouched'}"
                 + (f"; {report.error}" if report.error else "")
             )
+            for c in report.reconcile.corrections if report.reconcile else []:
+                console.print(
+                    f"  reconciled {c.table} {c.key}: database said {c.database}, "
+                    f"venue {c.venue} (venue wins)",
+                    markup=False,
+                )
         ok = report.outcome is RollbackOutcome.ROLLED_BACK
         return ExitCode.OK if ok else ExitCode.UNVERIFIED
 
