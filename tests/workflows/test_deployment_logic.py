@@ -1,0 +1,376 @@
+"""DeployWorkflow's orchestration on the time-skipping server: stage order, what stops a release
+before production, canary verdicts (pass, fail, inconclusive pauses for a human), the promotion
+approval (four eyes, runbook approvers, refusals leave no trace, timeout denies) and the rollback
+saga started as a child after the first switch. Activities are hand-written fakes registered
+under the real names; the rollback child is the real RollbackWorkflow on test_rollback_logic's
+fakes, with the real kill switch under it on the fake venue."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from temporalio import activity
+from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+
+from tests.helpers import assert_eventually, new_worker
+from tests.workflows.test_kill_switch_logic import FakeVenue
+from tests.workflows.test_rollback_logic import DB, REF, SNAPSHOT, FakeSystem, plan
+from workflows.analysis_models import AnalysisPolicy, AnalysisResult, MetricPolicy, Verdict
+from workflows.deploy_models import (
+    ActivateRequest,
+    ActivationRecord,
+    HealthReport,
+    HealthRequest,
+    StopRequest,
+    StopResult,
+)
+from workflows.deployment import DeployWorkflow
+from workflows.deployment_models import (
+    AnalysisRequest,
+    CanaryStep,
+    CandidateBake,
+    CheckRequest,
+    CheckResult,
+    DeployInput,
+    DeployOutcome,
+    DeployPlan,
+    DeployReport,
+    HandoverRequest,
+    HandoverResult,
+    PauseDecision,
+    ShadowReport,
+    Stage,
+    deploy_workflow_id,
+)
+from workflows.kill_switch import KillSwitchWorkflow
+from workflows.rollback import RollbackWorkflow
+from workflows.rollback_models import ApprovalDecision, RollbackOutcome
+from workflows.shared import StepState
+from workflows.snapshot_models import SnapshotRecord, SnapshotRequest
+
+OLD, NEW = "1.3.0", "1.4.0"
+POLICY = AnalysisPolicy(
+    metrics=[MetricPolicy(name="order_latency_p99_s", direction="higher-is-worse")]
+)
+
+
+def deploy_plan(**overrides: object) -> DeployPlan:
+    base: dict[str, object] = {
+        "ref": REF,
+        "staging": REF.model_copy(update={"env": "staging"}),
+        "accounts": ["a"],
+        "database": DB,
+        "version_from": OLD,
+        "version_to": NEW,
+        "checks": ["feed", "broker", "decision-speed", "kill-switch", "reconcile"],
+        "canary": [CanaryStep(capital=0.05, bake_s=60), CanaryStep(capital=0.25, bake_s=120)],
+        "analysis": POLICY,
+        "approvers": ["bob", "carol"],
+        "monitor_s": 5,
+        "retire_delay_s": 300,
+    }
+    return DeployPlan.model_validate({**base, **overrides})
+
+
+def verdict(v: Verdict) -> AnalysisResult:
+    return AnalysisResult(verdict=v, summary=f"{v.value}: p99 latency judged", score=None)
+
+
+@dataclass
+class FakeRelease:
+    """The managed system during a deployment, as the workflow sees it; calls in order."""
+
+    plan: DeployPlan
+    failing_check: str | None = None
+    agreement: float = 1.0
+    verdicts: list[Verdict] = field(default_factory=lambda: [Verdict.PASS, Verdict.PASS])
+    calls: list[str] = field(default_factory=list)
+    current: str = OLD
+
+    def activities(self) -> list[Any]:
+        @activity.defn(name="plan_deploy")
+        async def plan_deploy(r: DeployInput) -> DeployPlan:
+            self.calls.append("plan")
+            return self.plan
+
+        @activity.defn(name="staging_check")
+        async def check(r: CheckRequest) -> CheckResult:
+            self.calls.append(f"check:{r.check}")
+            passed = r.check != self.failing_check
+            return CheckResult(
+                check=r.check,
+                passed=passed,
+                detail="ok" if passed else "p99 parse latency 40 ms > 5 ms",
+                measurements={"p99_ms": 1.0 if passed else 40.0},
+            )
+
+        @activity.defn(name="snapshot_state_db")
+        async def snapshot(r: SnapshotRequest) -> SnapshotRecord:
+            self.calls.append(f"snapshot:{r.version}")
+            return SNAPSHOT
+
+        @activity.defn(name="start_candidate")
+        async def start_candidate(r: ActivateRequest) -> ActivationRecord:
+            self.calls.append(f"candidate:{r.version}")
+            return ActivationRecord(ref=r.ref, version=r.version, activated_at=datetime.now(UTC))
+
+        @activity.defn(name="bake_shadow")
+        async def bake_shadow(r: CandidateBake) -> ShadowReport:
+            self.calls.append("shadow")
+            return ShadowReport(decisions_compared=200, agreement=self.agreement)
+
+        @activity.defn(name="bake_canary")
+        async def bake_canary(r: AnalysisRequest) -> AnalysisResult:
+            self.calls.append(f"canary:{r.bake.capital:g}")
+            return verdict(self.verdicts.pop(0))
+
+        @activity.defn(name="handover_lease")
+        async def handover(r: HandoverRequest) -> HandoverResult:
+            self.calls.append(f"handover:{r.from_version}->{r.to_version}")
+            return HandoverResult(epoch=2, holder=r.to_version, handover_s=0.2)
+
+        @activity.defn(name="promote_version")
+        async def promote(r: ActivateRequest) -> ActivationRecord:
+            self.calls.append(f"promote:{r.version}")
+            self.current = r.version
+            return ActivationRecord(ref=r.ref, version=r.version, activated_at=datetime.now(UTC))
+
+        @activity.defn(name="retire_version")
+        async def retire(r: StopRequest) -> StopResult:
+            self.calls.append("retire")
+            return StopResult(ref=r.ref, stopped_versions=[OLD])
+
+        @activity.defn(name="check_health")
+        async def health(r: HealthRequest) -> HealthReport:
+            return HealthReport(
+                ref=r.ref, healthy=True, checked_at=datetime.now(UTC), version=self.current
+            )
+
+        @activity.defn(name="activate_version")
+        async def activate(r: ActivateRequest) -> ActivationRecord:
+            self.calls.append(f"activate:{r.version}")  # the rollback child's
+            self.current = r.version
+            return ActivationRecord(ref=r.ref, version=r.version, activated_at=datetime.now(UTC))
+
+        rollback = FakeSystem(plan(version_from=NEW, version_to=OLD), calls=self.calls)
+        taken = {"health", "activate"}
+        rollback_side = [a for a in rollback.activities() if a.__name__ not in taken]
+        return [
+            plan_deploy,
+            check,
+            snapshot,
+            start_candidate,
+            bake_shadow,
+            bake_canary,
+            handover,
+            promote,
+            retire,
+            health,
+            activate,
+            *rollback_side,
+            *FakeVenue().activities(),
+        ]
+
+
+class Running:
+    def __init__(self, env: Any, release: FakeRelease, requester: str = "alice") -> None:
+        self.env, self.release, self.requester = env, release, requester
+
+    async def __aenter__(self) -> WorkflowHandle:
+        workflows = (DeployWorkflow, RollbackWorkflow, KillSwitchWorkflow)
+        self._worker = new_worker(self.env.client, *workflows, activities=self.release.activities())
+        worker = await self._worker.__aenter__()
+        return await self.env.client.start_workflow(
+            DeployWorkflow.run,
+            DeployInput(
+                strategy=REF.strategy,
+                env=REF.env,
+                version=NEW,
+                reason="release 1.4.0",
+                requested_by=self.requester,
+            ),
+            id=deploy_workflow_id(REF.strategy, REF.env) + f"/{id(self)}",
+            task_queue=worker.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+        )
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._worker.__aexit__(*exc)
+
+
+async def approve(handle: WorkflowHandle, who: str) -> None:
+    async def waiting() -> None:
+        assert (await handle.query(DeployWorkflow.status)).awaiting_approval
+
+    await assert_eventually(waiting, timeout=30)
+    await handle.execute_update(DeployWorkflow.approve_promotion, ApprovalDecision(approver=who))
+
+
+async def update_events(handle: WorkflowHandle) -> int:
+    history = await handle.fetch_history()
+    return sum(
+        1
+        for e in history.events
+        if e.HasField("workflow_execution_update_accepted_event_attributes")
+    )
+
+
+async def test_a_good_release_goes_through_every_stage_and_is_promoted(time_env) -> None:
+    release = FakeRelease(deploy_plan())
+    async with Running(time_env, release) as handle:
+        await approve(handle, "bob")
+        report: DeployReport = await handle.result()
+    assert report.outcome is DeployOutcome.PROMOTED, report.error
+    checks = [f"check:{c}" for c in release.plan.checks]
+    assert release.calls == [
+        "plan",
+        *checks,
+        f"snapshot:{OLD}",
+        f"candidate:{NEW}",
+        "shadow",
+        "canary:0.05",
+        "canary:0.25",
+        f"handover:{OLD}->{NEW}",
+        f"promote:{NEW}",
+        "retire",  # after the warm delay
+    ]
+    assert report.approvals == ["bob"] and report.snapshot_id == SNAPSHOT.id
+    assert [a.verdict for a in report.analyses] == [Verdict.PASS, Verdict.PASS]
+    states = {n.name: n.state for n in report.tree}
+    assert all(states[s.value] is StepState.DONE for s in Stage if s is not Stage.ROLLBACK)
+    assert states[Stage.ROLLBACK.value] is StepState.PENDING
+    canary = next(n for n in report.tree if n.name == Stage.CANARY.value)
+    assert [c.name for c in canary.children] == [
+        "step 1: 5% of capital",
+        "step 2: 25% of capital",
+    ]
+
+
+async def test_a_failing_staging_check_stops_before_anything_reaches_production(
+    time_env,
+) -> None:
+    release = FakeRelease(deploy_plan(), failing_check="feed")
+    async with Running(time_env, release) as handle:
+        report: DeployReport = await handle.result()
+    assert report.outcome is DeployOutcome.REJECTED
+    assert report.failed_stage is Stage.VALIDATE
+    assert "staging check feed failed: p99 parse latency 40 ms" in report.error
+    assert release.calls == ["plan", "check:feed"]  # no snapshot, nothing started
+    assert report.checks[0].measurements == {"p99_ms": 40.0}
+
+
+async def test_shadow_disagreement_retires_the_candidate_without_a_rollback(time_env) -> None:
+    release = FakeRelease(deploy_plan(), agreement=0.4)
+    async with Running(time_env, release) as handle:
+        report: DeployReport = await handle.result()
+    assert report.outcome is DeployOutcome.REJECTED and report.failed_stage is Stage.SHADOW
+    assert release.calls[-2:] == ["shadow", "retire"]
+    assert report.rollback_workflow_id is None
+
+
+async def test_a_failing_canary_starts_the_rollback_saga_as_a_child(time_env) -> None:
+    release = FakeRelease(deploy_plan(), verdicts=[Verdict.PASS, Verdict.FAIL])
+    async with Running(time_env, release) as handle:
+        report: DeployReport = await handle.result()
+        rollback = time_env.client.get_workflow_handle_for(
+            RollbackWorkflow.run, report.rollback_workflow_id
+        )
+        rolled = await rollback.result()
+    assert report.outcome is DeployOutcome.ROLLED_BACK, report.error
+    assert report.failed_stage is Stage.CANARY
+    assert report.rollback_workflow_id == f"rollback/{REF.strategy}/{REF.env}"
+    assert rolled.outcome is RollbackOutcome.ROLLED_BACK
+    assert "handover" not in " ".join(release.calls)  # never promoted
+    assert f"activate:{OLD}" in release.calls and "restore:snap-a" in release.calls
+
+
+async def test_an_inconclusive_canary_pauses_until_an_approver_says_go(time_env) -> None:
+    release = FakeRelease(deploy_plan(), verdicts=[Verdict.INCONCLUSIVE, Verdict.PASS])
+    async with Running(time_env, release) as handle:
+
+        async def paused() -> None:
+            assert (await handle.query(DeployWorkflow.status)).paused
+
+        await assert_eventually(paused, timeout=30)
+        for who, reason in (("alice", "requester cannot"), ("mallory", "not an approver")):
+            with pytest.raises(WorkflowUpdateFailedError) as refused:
+                await handle.execute_update(
+                    DeployWorkflow.resume, PauseDecision(by=who, proceed=True)
+                )
+            assert reason in str(refused.value.cause)
+        assert await update_events(handle) == 0
+        await handle.execute_update(DeployWorkflow.resume, PauseDecision(by="carol", proceed=True))
+        await approve(handle, "bob")
+        report: DeployReport = await handle.result()
+    assert report.outcome is DeployOutcome.PROMOTED
+    canary = next(n for n in report.tree if n.name == Stage.CANARY.value)
+    assert "continued by carol" in canary.children[0].detail
+
+
+async def test_promotion_approval_refuses_strangers_and_the_requester_without_a_trace(
+    time_env,
+) -> None:
+    release = FakeRelease(deploy_plan())
+    async with Running(time_env, release, requester="bob") as handle:
+
+        async def waiting() -> None:
+            assert (await handle.query(DeployWorkflow.status)).awaiting_approval
+
+        await assert_eventually(waiting, timeout=30)
+        for who, reason in (("mallory", "not an approver"), ("bob", "cannot approve")):
+            with pytest.raises(WorkflowUpdateFailedError) as refused:
+                await handle.execute_update(
+                    DeployWorkflow.approve_promotion, ApprovalDecision(approver=who)
+                )
+            assert reason in str(refused.value.cause)
+        assert await update_events(handle) == 0
+        await handle.execute_update(
+            DeployWorkflow.approve_promotion, ApprovalDecision(approver="carol")
+        )
+        report: DeployReport = await handle.result()
+    assert report.outcome is DeployOutcome.PROMOTED and report.approvals == ["carol"]
+
+
+async def test_an_approval_timeout_denies_and_rolls_back(time_env) -> None:
+    release = FakeRelease(deploy_plan(approval_timeout_s=600))
+    async with Running(time_env, release) as handle:
+        report: DeployReport = await handle.result()  # time skips past the timeout
+    assert report.outcome is DeployOutcome.ROLLED_BACK
+    assert report.failed_stage is Stage.APPROVAL and "timed out" in report.error
+    assert f"promote:{NEW}" not in release.calls
+
+
+async def test_a_second_deploy_of_the_same_system_is_refused_while_one_runs(time_env) -> None:
+    release = FakeRelease(deploy_plan())
+    async with new_worker(
+        time_env.client,
+        DeployWorkflow,
+        RollbackWorkflow,
+        KillSwitchWorkflow,
+        activities=release.activities(),
+    ) as worker:
+        request = DeployInput(
+            strategy=REF.strategy, env=REF.env, version=NEW, reason="release", requested_by="al"
+        )
+        workflow_id = deploy_workflow_id(REF.strategy, REF.env)
+        first = await time_env.client.start_workflow(
+            DeployWorkflow.run,
+            request,
+            id=workflow_id,
+            task_queue=worker.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+        )
+        with pytest.raises(WorkflowAlreadyStartedError):
+            await time_env.client.start_workflow(
+                DeployWorkflow.run,
+                request,
+                id=workflow_id,
+                task_queue=worker.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            )
+        await first.terminate("test done")
