@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 from activities.accounts import ConfigError, _line_of, load_accounts, parse_yaml_model
+from workflows.analysis_models import AnalysisPolicy
 from workflows.deploy_models import StrategyRef
+from workflows.deployment_models import CanaryStep
 from workflows.rollback_models import FlattenMode, StepTimeouts
 from workflows.shared import ACCOUNT_NAME_PATTERN
 from workflows.snapshot_models import NAME_PATTERN, DatabaseRef
@@ -109,6 +111,58 @@ class HealthCheck(_Config):
     """Pause between health probes (default 1 s)."""
 
 
+class StagingCheck(StrEnum):
+    FEED = "feed"
+    """Market-data connectivity and parse latency."""
+    BROKER = "broker"
+    """Integration battery against the staging venue: routing, cancels, position updates."""
+    DECISION_SPEED = "decision-speed"
+    """The release's order-decision speed and resource use."""
+    KILL_SWITCH = "kill-switch"
+    """Risk parameters checked; the kill switch triggered and verified on the staging account."""
+    RECONCILE = "reconcile"
+    """Post-trade reconciliation and persistence: database and venue agree after trading."""
+
+
+class DeployPolicy(_Config):
+    """How a new version is released (``breakglass deploy``)."""
+
+    staging_env: str | None = Field(default=None, pattern=NAME_PATTERN)
+    """Environment whose runbook (same strategy) validates the release first; None: no staging."""
+    checks: list[StagingCheck] = Field(default_factory=lambda: list(StagingCheck))
+    """Staging checks, in order (default: all five)."""
+    shadow_bake_s: int = Field(default=30, ge=0, le=86_400)
+    """How long the new version decides beside the live one without sending (default 30)."""
+    min_shadow_agreement: float = Field(default=0.9, ge=0, le=1)
+    """Share of the live version's decisions the new one must make too (default 0.9)."""
+    canary_accounts: list[str] = []
+    """Accounts the canary trades on, by name (never the live version's)."""
+    canary: list[CanaryStep] = []
+    """Capital steps, e.g. ``[{capital: 0.05, bake_s: 300}, {capital: 0.25, bake_s: 600}]``;
+    none (default): promotion follows the shadow."""
+    analysis: AnalysisPolicy | None = Field(default=None, validate_default=True)
+    """Gates and metric comparisons judging each canary step (required with canary steps)."""
+    pause_timeout_s: int = Field(default=1800, ge=30, le=86_400)
+    """An inconclusive analysis waits this long for a human, then aborts (default 1800)."""
+    approval_timeout_s: int = Field(default=3600, ge=30, le=86_400)
+    """Promotion approval wait; no answer means deny and roll back (default 3600)."""
+    monitor_s: int = Field(default=60, ge=0, le=86_400)
+    """Post-promotion monitoring of the new version alone (default 60)."""
+    retire_delay_s: int = Field(default=300, ge=0, le=86_400)
+    """The old version stays warm this long after the handover (default 300)."""
+
+    @field_validator("analysis")
+    @classmethod
+    def _canary_is_judged(
+        cls, analysis: AnalysisPolicy | None, info: ValidationInfo
+    ) -> AnalysisPolicy | None:
+        if info.data.get("canary") and analysis is None:
+            raise _refuse("canary steps need an analysis policy to judge them")
+        if info.data.get("canary") and not info.data.get("canary_accounts"):
+            raise _refuse("canary steps need canary_accounts to trade on")
+        return analysis
+
+
 class Runbook(_Config):
     """How breakglass operates one strategy in one environment."""
 
@@ -135,6 +189,8 @@ class Runbook(_Config):
     """Per step timeouts (defaults as documented on each step)."""
     health: HealthCheck = Field(default_factory=HealthCheck)
     """Health check of a freshly activated version (default ``/healthz`` within 60 s)."""
+    deploy: DeployPolicy = Field(default_factory=DeployPolicy, validate_default=True)
+    """Release policy: staging checks, shadow, canary steps and their analysis, approval."""
 
     @property
     def ref(self) -> StrategyRef:
@@ -188,6 +244,17 @@ class Runbook(_Config):
                 "(or choose mode: auto or mode: hold)"
             )
         return flatten
+
+    @field_validator("deploy")
+    @classmethod
+    def _canary_apart(cls, deploy: DeployPolicy, info: ValidationInfo) -> DeployPolicy:
+        shared = set(deploy.canary_accounts) & set(info.data.get("accounts") or [])
+        if shared:
+            raise _refuse(
+                f"canary_accounts {sorted(shared)} are also the live accounts: one trading "
+                "lease per account, so the canary needs accounts of its own"
+            )
+        return deploy
 
 
 def _unique(names: list[str], what: str) -> None:

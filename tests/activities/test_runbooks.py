@@ -119,6 +119,19 @@ def test_unknown_field_is_refused_with_its_line(tmp_path: Path) -> None:
         ("snapshot: {keep: 0}\n", ":14: snapshot.keep: Input should be greater than or equal"),
         ("health: {path: healthz}\n", ":14: health.path: String should match pattern"),
         ("approvers: [alice, alice]\n", ":14: approvers: approver 'alice' is listed twice"),
+        (
+            "deploy: {canary: [{capital: 0.05, bake_s: 60}], canary_accounts: [beta-futures]}\n",
+            ":14: deploy.analysis: canary steps need an analysis policy to judge them",
+        ),
+        (
+            "deploy: {canary_accounts: [alpha-futures]}\n",
+            ":14: deploy: canary_accounts ['alpha-futures'] are also the live accounts",
+        ),
+        (
+            "deploy: {canary: [{capital: 1.5, bake_s: 60}]}\n",
+            ":14: deploy.canary.0.capital: Input should be less than or equal to 1",
+        ),
+        ("deploy: {checks: [feed, vibes]}\n", ":14: deploy.checks.1: Input should be"),
     ],
 )
 def test_bounds_and_names(tmp_path: Path, extra: str, expect: str) -> None:
