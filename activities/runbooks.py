@@ -131,6 +131,8 @@ class DeployPolicy(_Config):
     """Environment whose runbook (same strategy) validates the release first; None: no staging."""
     checks: list[StagingCheck] = Field(default_factory=lambda: list(StagingCheck))
     """Staging checks, in order (default: all five)."""
+    check_symbols: list[str] = Field(default_factory=lambda: ["BTCUSDT"], min_length=1)
+    """Venue symbols (exchange ids) the staging checks trade (default ``BTCUSDT``)."""
     shadow_bake_s: int = Field(default=30, ge=0, le=86_400)
     """How long the new version decides beside the live one without sending (default 30)."""
     min_shadow_agreement: float = Field(default=0.9, ge=0, le=1)
