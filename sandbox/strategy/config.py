@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
+
+HTTP_PORT_ENV = "STRATEGY_HTTP_PORT"
+"""Overrides ``http_port`` of the config file: two versions started side by side (blue/green)
+share one config but cannot share one port."""
+PORT_FILE_ENV = "STRATEGY_PORT_FILE"
+"""Overrides ``port_file`` of the config file, for the same reason."""
 
 
 class Fault(StrEnum):
@@ -86,4 +93,10 @@ class StrategyConfig(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> StrategyConfig:
-        return cls.model_validate(json.loads(path.read_text()))
+        """The config file, with ``http_port``/``port_file`` taken from ``STRATEGY_HTTP_PORT`` /
+        ``STRATEGY_PORT_FILE`` when those are set (the deploy target sets them per version)."""
+        data = json.loads(path.read_text())
+        for env, field in ((HTTP_PORT_ENV, "http_port"), (PORT_FILE_ENV, "port_file")):
+            if os.environ.get(env):
+                data[field] = os.environ[env]
+        return cls.model_validate(data)
