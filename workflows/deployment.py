@@ -24,10 +24,12 @@ with workflow.unsafe.imports_passed_through():
     from workflows.deploy_models import (
         ActivateRequest,
         ActivationRecord,
+        CandidateRecord,
+        CandidateRequest,
         HealthReport,
         HealthRequest,
-        StopRequest,
-        StopResult,
+        RetireRequest,
+        RetireResult,
     )
     from workflows.deployment_models import (
         AnalysisRequest,
@@ -264,13 +266,13 @@ class DeployWorkflow:
         self._mark(Stage.SHADOW, StepState.RUNNING, f"starting {plan.version_to} beside")
         await self._activity(
             "start_candidate",
-            ActivateRequest(
+            CandidateRequest(
                 ref=plan.ref,
                 version=plan.version_to,
                 requested_by=workflow.info().workflow_id,
                 reason="shadow",
             ),
-            ActivationRecord,
+            CandidateRecord,
             timeout=timedelta(seconds=plan.timeouts.activate_s),
             stage=Stage.SHADOW,
         )
@@ -454,8 +456,13 @@ class DeployWorkflow:
             Stage.RETIRE,
             self._activity(
                 "retire_version",
-                StopRequest(ref=plan.ref, reason=f"retired {plan.version_from}"),
-                StopResult,
+                RetireRequest(
+                    ref=plan.ref,
+                    version=plan.version_from,
+                    requested_by=workflow.info().workflow_id,
+                    reason="retired after the warm delay",
+                ),
+                RetireResult,
                 stage=Stage.RETIRE,
             ),
             lambda r: f"stopped {', '.join(r.stopped_versions) or 'nothing'}",
@@ -466,7 +473,10 @@ class DeployWorkflow:
         last: HealthReport | None = None
         while workflow.now() < deadline:
             last = await self._activity(
-                "check_health", HealthRequest(ref=plan.ref), HealthReport, stage=stage
+                "check_health",
+                HealthRequest(ref=plan.ref, version=version),
+                HealthReport,
+                stage=stage,
             )
             if last.healthy:
                 return
@@ -484,8 +494,13 @@ class DeployWorkflow:
                 try:
                     await self._activity(
                         "retire_version",
-                        StopRequest(ref=plan.ref, reason=f"rejected: {failure}"),
-                        StopResult,
+                        RetireRequest(
+                            ref=plan.ref,
+                            version=plan.version_to,
+                            requested_by=workflow.info().workflow_id,
+                            reason=f"rejected: {failure}"[:200],
+                        ),
+                        RetireResult,
                         stage=Stage.RETIRE,
                     )
                 except DeployFailed as e:

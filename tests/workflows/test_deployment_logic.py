@@ -24,10 +24,12 @@ from workflows.analysis_models import AnalysisPolicy, AnalysisResult, MetricPoli
 from workflows.deploy_models import (
     ActivateRequest,
     ActivationRecord,
+    CandidateRecord,
+    CandidateRequest,
     HealthReport,
     HealthRequest,
-    StopRequest,
-    StopResult,
+    RetireRequest,
+    RetireResult,
 )
 from workflows.deployment import DeployWorkflow
 from workflows.deployment_models import (
@@ -115,9 +117,9 @@ class FakeRelease:
             return SNAPSHOT
 
         @activity.defn(name="start_candidate")
-        async def start_candidate(r: ActivateRequest) -> ActivationRecord:
+        async def start_candidate(r: CandidateRequest) -> CandidateRecord:
             self.calls.append(f"candidate:{r.version}")
-            return ActivationRecord(ref=r.ref, version=r.version, activated_at=datetime.now(UTC))
+            return CandidateRecord(ref=r.ref, version=r.version, started_at=datetime.now(UTC))
 
         @activity.defn(name="bake_shadow")
         async def bake_shadow(r: CandidateBake) -> ShadowReport:
@@ -141,14 +143,17 @@ class FakeRelease:
             return ActivationRecord(ref=r.ref, version=r.version, activated_at=datetime.now(UTC))
 
         @activity.defn(name="retire_version")
-        async def retire(r: StopRequest) -> StopResult:
-            self.calls.append("retire")
-            return StopResult(ref=r.ref, stopped_versions=[OLD])
+        async def retire(r: RetireRequest) -> RetireResult:
+            self.calls.append(f"retire:{r.version}")
+            return RetireResult(ref=r.ref, version=r.version, stopped_versions=[r.version])
 
         @activity.defn(name="check_health")
         async def health(r: HealthRequest) -> HealthReport:
             return HealthReport(
-                ref=r.ref, healthy=True, checked_at=datetime.now(UTC), version=self.current
+                ref=r.ref,
+                healthy=True,
+                checked_at=datetime.now(UTC),
+                version=r.version or self.current,
             )
 
         @activity.defn(name="activate_version")
@@ -237,7 +242,7 @@ async def test_a_good_release_goes_through_every_stage_and_is_promoted(time_env)
         "canary:0.25",
         f"handover:{OLD}->{NEW}",
         f"promote:{NEW}",
-        "retire",  # after the warm delay
+        f"retire:{OLD}",  # after the warm delay
     ]
     assert report.approvals == ["bob"] and report.snapshot_id == SNAPSHOT.id
     assert [a.verdict for a in report.analyses] == [Verdict.PASS, Verdict.PASS]
@@ -269,7 +274,7 @@ async def test_shadow_disagreement_retires_the_candidate_without_a_rollback(time
     async with Running(time_env, release) as handle:
         report: DeployReport = await handle.result()
     assert report.outcome is DeployOutcome.REJECTED and report.failed_stage is Stage.SHADOW
-    assert release.calls[-2:] == ["shadow", "retire"]
+    assert release.calls[-2:] == ["shadow", f"retire:{NEW}"]  # the candidate, not the live one
     assert report.rollback_workflow_id is None
 
 
