@@ -1,6 +1,7 @@
 """PostgreSQL state databases: ``pg_dump --format=custom`` from an exported snapshot (the content
 digest is read in that same snapshot), restores through ``pg_restore --clean`` piped into one
-``psql --single-transaction``, and a canonical digest of the logical content via ``COPY``.
+``psql --single-transaction``, and a canonical digest of the logical content via ``COPY``, read
+by ``psql`` in an exported snapshot.
 
 Passwords come from the environment variable the ``DatabaseRef`` names and reach the tools as
 ``PGPASSWORD``; every message leaving this module is scrubbed of them.
@@ -152,35 +153,176 @@ async def _table_query(
     return columns, query
 
 
-async def content_digest(
-    conn: psycopg.AsyncConnection, progress: dict[str, object] | None = None
-) -> tuple[str, list[str], int]:
-    """sha256 over every user table (by schema and name) and its rows (by primary key) in COPY
-    text form; the caller decides the transaction (one repeatable-read snapshot)."""
-    digest = hashlib.sha256(b"breakglass-content-v1 postgres\n")
-    rows = 0
+DIGEST_PREFIX = b"breakglass-content-v1 postgres\n"
+_END_LINE = b"\n\\.\n"
+"""A line end, then the end-of-table line (backslash-period) psql echoes after each table's rows.
+COPY's text format writes a backslash in the data as two, so no row line can be that line."""
+_ECHO_END = "\\qecho '\\\\.'"
+_READ_CHUNK = 1 << 20
+
+
+class DigestStream:
+    """The content digest fed with psql's output as it arrives, in chunks of any size: each
+    table's header goes in front of its rows and the end-of-table lines are cut out, so the
+    bytes hashed are exactly the definition's (prefix, then per table: header, COPY rows)."""
+
+    def __init__(self, headers: list[bytes]) -> None:
+        self.rows = 0
+        self._sha = hashlib.sha256(DIGEST_PREFIX)
+        self._headers = headers
+        self._ended = 0
+        self._held = b""
+        """The last bytes read, kept back while they may still begin an end-of-table line."""
+        self._after_newline = True
+        if headers:
+            self._sha.update(headers[0])
+
+    def feed(self, chunk: bytes) -> None:
+        # A leading newline stands for "at the start of a line": one search then also finds an
+        # end-of-table line at the very start of the output or of a chunk.
+        view = (b"\n" if self._after_newline else b"-") + self._held + chunk
+        pos = 1
+        while (found := view.find(_END_LINE, pos - 1)) != -1:
+            self._rows(view[pos : found + 1])
+            self._end_table()
+            pos = found + len(_END_LINE)
+        keep = max(pos, len(view) - len(_END_LINE) + 1)
+        self._rows(view[pos:keep])
+        self._held = view[keep:]
+        self._after_newline = view[keep - 1 : keep] == b"\n"
+
+    def hexdigest(self) -> str:
+        if self._held or self._ended != len(self._headers):
+            raise ToolFailed(
+                f"psql's output stopped after {self._ended} of {len(self._headers)} tables"
+            )
+        return self._sha.hexdigest()
+
+    def _rows(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._ended == len(self._headers):
+            raise ToolFailed("psql printed something after the rows of the last table")
+        self.rows += data.count(b"\n")
+        self._sha.update(data)
+
+    def _end_table(self) -> None:
+        if self._ended == len(self._headers):
+            raise ToolFailed("psql printed more end-of-table lines than there are tables")
+        self._ended += 1
+        if self._ended < len(self._headers):
+            self._sha.update(self._headers[self._ended])
+
+
+@dataclass(frozen=True)
+class DigestPlan:
+    """What the digest reads, decided in the exporting transaction: the tables, each one's
+    header, and the psql script that prints their rows in that transaction's snapshot."""
+
+    tables: list[str]
+    headers: list[bytes]
+    script: bytes
+    client_encoding: str
+
+
+async def _export_snapshot(conn: psycopg.AsyncConnection) -> str:
+    cur = await conn.execute("SELECT pg_export_snapshot()")
+    row = await cur.fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+async def digest_plan(conn: psycopg.AsyncConnection, snapshot: str) -> DigestPlan:
+    """The digest of the content ``conn``'s transaction sees (it exported ``snapshot`` and
+    stays open until the digest has been read)."""
     tables = await user_tables(conn)
+    headers: list[bytes] = []
+    lines = [f"{statement};" for statement in CANONICAL_SESSION]
+    lines.append("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;")
+    use_snapshot = sql.SQL("SET TRANSACTION SNAPSHOT {};").format(sql.Literal(snapshot))
+    lines.append(use_snapshot.as_string(conn))
     for table in tables:
         columns, query = await _table_query(conn, table)
         header = {"table": table.qualified, "columns": columns}
-        digest.update(json.dumps(header).encode() + b"\n")
-        async with conn.cursor().copy(query) as copy:
-            async for chunk in copy:
-                data = bytes(chunk)
-                rows += data.count(b"\n")
-                digest.update(data)
-        if progress is not None:
-            progress["rows_read"] = rows
-    return digest.hexdigest(), [t.qualified for t in tables], rows
+        headers.append(json.dumps(header).encode() + b"\n")
+        lines += [query.as_string(conn) + ";", _ECHO_END]
+    lines.append("COMMIT;")
+    encoding = conn.info.parameter_status("client_encoding") or "UTF8"
+    script = ("\n".join(lines) + "\n").encode()
+    return DigestPlan([t.qualified for t in tables], headers, script, encoding)
 
 
-async def live_digest(ref: DatabaseRef) -> tuple[str, list[str], int]:
+async def read_digest(
+    ref: DatabaseRef, plan: DigestPlan, progress: dict[str, object] | None = None
+) -> tuple[str, list[str], int]:
+    """sha256 over every user table (by schema and name) and its rows (by primary key) in COPY
+    text form, read by one ``psql`` in the plan's snapshot.
+
+    psql copies the rows out in C and we hash its output in 1 MiB reads: reading the same COPY
+    through psycopg costs one Python round per row (3x slower at a million rows). The session
+    gets the canonical settings and the client encoding of the session that planned it, so the
+    bytes are the ones a psycopg session reads.
+    """
+    secret = password(ref)
+    psql = _tool("psql")
+    env = _tool_env(secret)
+    env["PGCLIENTENCODING"] = plan.client_encoding
+    proc = await asyncio.create_subprocess_exec(
+        psql,
+        "-X",
+        "-q",
+        "--no-password",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-f",
+        "-",
+        f"--dbname={ref.dsn}",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        limit=_READ_CHUNK,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdin.write(plan.script)  # buffered by the transport; psql reads it as it goes
+    proc.stdin.close()
+    errors = asyncio.ensure_future(proc.stderr.read())
+    stream = DigestStream(plan.headers)
+    try:
+        while chunk := await proc.stdout.read(_READ_CHUNK):
+            stream.feed(chunk)
+            if progress is not None:
+                progress["rows_read"] = stream.rows
+        await proc.wait()
+        err = await errors
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        errors.cancel()
+        raise
+    if proc.returncode != 0:
+        raise _tool_error(proc.returncode, err, "psql (content digest)", secret)
+    return stream.hexdigest(), plan.tables, stream.rows
+
+
+async def live_digest(
+    ref: DatabaseRef, progress: dict[str, object] | None = None
+) -> tuple[str, list[str], int]:
+    """The content digest of the live database, at one consistent point."""
     async with connect(ref) as conn:
         await conn.set_autocommit(False)
         await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
         await conn.set_read_only(True)
         async with conn.transaction():
-            return await content_digest(conn)
+            plan = await digest_plan(conn, await _export_snapshot(conn))
+            return await read_digest(ref, plan, progress)
+
+
+async def live_tables(ref: DatabaseRef) -> list[str]:
+    """The user tables (``schema.table``) the database has now: a catalog read, no rows."""
+    async with connect(ref) as conn:
+        return [t.qualified for t in await user_tables(conn)]
 
 
 def _tool(name: str) -> str:
@@ -208,11 +350,17 @@ async def _wait(proc: asyncio.subprocess.Process, what: str, secret: str | None)
         await proc.wait()
         raise
     if proc.returncode != 0:
-        text = (err or b"").decode(errors="replace")[-2000:]
-        error = _classify(text, f"{what} exited {proc.returncode}", secret)
-        if isinstance(error, DatabaseUnavailable):
-            error = ToolFailed(str(error))
-        raise error
+        raise _tool_error(proc.returncode, err, what, secret)
+
+
+def _tool_error(
+    returncode: int | None, err: bytes | None, what: str, secret: str | None
+) -> SnapshotError:
+    """A tool's failure from its stderr: a missing database or refused credentials are final,
+    anything else is retried (bounded by the activity's policy)."""
+    text = (err or b"").decode(errors="replace")[-2000:]
+    error = _classify(text, f"{what} exited {returncode}", secret)
+    return ToolFailed(str(error)) if isinstance(error, DatabaseUnavailable) else error
 
 
 async def dump(
@@ -227,14 +375,13 @@ async def dump(
         await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
         await conn.set_read_only(True)
         async with conn.transaction():
-            cur = await conn.execute("SELECT pg_export_snapshot()")
-            row = await cur.fetchone()
-            assert row is not None
+            snapshot = await _export_snapshot(conn)
+            plan = await digest_plan(conn, snapshot)
             proc = await asyncio.create_subprocess_exec(
                 pg_dump,
                 "--format=custom",
                 "--no-password",
-                f"--snapshot={row[0]}",
+                f"--snapshot={snapshot}",
                 f"--lock-wait-timeout={LOCK_WAIT_TIMEOUT}",
                 f"--file={target}",
                 f"--dbname={ref.dsn}",
@@ -246,8 +393,8 @@ async def dump(
             progress["phase"] = "pg_dump"
             waiting = asyncio.ensure_future(_wait(proc, "pg_dump", secret))
             try:
-                # The exporting transaction stays open until pg_dump has finished.
-                result = await content_digest(conn, progress)
+                # The exporting transaction stays open until pg_dump and psql have finished.
+                result = await read_digest(ref, plan, progress)
                 await waiting
             finally:
                 if not waiting.done():

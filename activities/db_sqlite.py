@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -14,6 +13,7 @@ from activities.snapshot_errors import DatabaseMissing, DatabaseUnavailable, Sna
 
 BUSY_TIMEOUT_S = 30.0
 """How long a snapshot or restore waits for a writer's lock before giving up (and retrying)."""
+_BATCH_ROWS = 10_000
 
 
 def _open_read_only(path: Path) -> sqlite3.Connection:
@@ -81,7 +81,7 @@ def restore(artifact: Path, target: Path) -> None:
         raise _mapped(e, f"restore into {target}") from e
 
 
-def _table_rows(conn: sqlite3.Connection, table: str) -> tuple[list[str], Iterator[tuple]]:
+def _table_rows(conn: sqlite3.Connection, table: str) -> tuple[list[str], sqlite3.Cursor]:
     info = conn.execute(f"PRAGMA table_info({_quote(table)})").fetchall()
     columns = [str(row[1]) for row in info]
     pk = [str(row[1]) for row in sorted((r for r in info if r[5]), key=lambda r: r[5])]
@@ -110,10 +110,12 @@ def content_digest(path: Path) -> tuple[str, list[str], int]:
             for table in tables:
                 columns, cursor = _table_rows(conn, table)
                 digest.update(json.dumps({"table": table, "columns": columns}).encode() + b"\n")
-                for row in cursor:
-                    rows += 1
-                    # repr tells int, float (shortest exact form), text, blob and NULL apart.
-                    digest.update(repr(row).encode("utf-8", "surrogatepass") + b"\n")
+                # One line per row: repr tells int, float (shortest exact form), text, blob and
+                # NULL apart. Hashed a batch at a time: the same bytes, fewer Python rounds.
+                while batch := cursor.fetchmany(_BATCH_ROWS):
+                    rows += len(batch)
+                    lines = "\n".join(map(repr, batch)) + "\n"
+                    digest.update(lines.encode("utf-8", "surrogatepass"))
             conn.execute("COMMIT")
         finally:
             conn.close()

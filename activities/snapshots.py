@@ -84,12 +84,15 @@ def _as_activity_errors() -> Iterator[None]:
         raise as_application_error(e) from None
 
 
-async def content_checksum(database: DatabaseRef) -> tuple[str, list[str], int]:
-    """Digest of the live database's logical content, read at one consistent point."""
+async def content_checksum(
+    database: DatabaseRef, progress: dict[str, object] | None = None
+) -> tuple[str, list[str], int]:
+    """Digest of the live database's logical content, read at one consistent point; ``progress``
+    gets the rows read so far (PostgreSQL)."""
     if database.kind is DatabaseKind.SQLITE:
         assert database.path is not None
         return await asyncio.to_thread(db_sqlite.content_digest, database.path)
-    return await db_postgres.live_digest(database)
+    return await db_postgres.live_digest(database, progress)
 
 
 class SnapshotActivities:
@@ -193,8 +196,9 @@ class SnapshotActivities:
         """Put the snapshot's content back into the state database, after checking that the
         snapshot is this system's and its artifact is intact; verified by content checksum.
 
-        Idempotent: restoring the same snapshot again leaves the same content. Halt the strategy
-        first: a writer that keeps going makes the verification fail.
+        Idempotent: restoring the same snapshot again leaves the same content (and writes it
+        again: the result's ``changed`` is always True). Halt the strategy first: a writer that
+        keeps going makes the verification fail.
         """
         started = time.monotonic()
         progress: dict[str, object] = {"snapshot_id": request.snapshot_id, "phase": "verify"}
@@ -202,19 +206,20 @@ class SnapshotActivities:
             async with heartbeating(progress):
                 record = await self._restorable(request)
                 database = request.database
-                progress["phase"] = "checksum-before"
-                before, live_tables, _ = await content_checksum(database)
+                # No digest before: restoring is idempotent, so it always runs and the digest
+                # after it is the proof. One before would only tell whether the write was
+                # needed, for a second full read of the database on the rollback's path.
+                progress["phase"] = "restore"
                 dropped: list[str] = []
-                if before != record.content_checksum:
-                    progress["phase"] = "restore"
-                    if database.kind is DatabaseKind.SQLITE:
-                        assert database.path is not None
-                        await asyncio.to_thread(db_sqlite.restore, record.path, database.path)
-                    else:
-                        dropped = sorted(set(live_tables) - set(record.tables))
-                        await db_postgres.restore(database, record.path, dropped)
+                if database.kind is DatabaseKind.SQLITE:
+                    assert database.path is not None
+                    await asyncio.to_thread(db_sqlite.restore, record.path, database.path)
+                else:
+                    live_tables = await db_postgres.live_tables(database)
+                    dropped = sorted(set(live_tables) - set(record.tables))
+                    await db_postgres.restore(database, record.path, dropped)
                 progress["phase"] = "checksum-after"
-                after, _, _ = await content_checksum(database)
+                after, _, _ = await content_checksum(database, progress)
                 if after != record.content_checksum:
                     raise RestoreNotVerified(
                         f"{database.label} after restoring {record.id}: content {after[:16]}…, "
@@ -227,8 +232,6 @@ class SnapshotActivities:
             version=record.version,
             db_kind=record.db_kind,
             content_checksum=after,
-            content_checksum_before=before,
-            changed=before != record.content_checksum,
             method=RESTORE_METHOD[record.db_kind],
             dropped_tables=dropped,
             restored_at=datetime.now(UTC),
@@ -241,7 +244,7 @@ class SnapshotActivities:
             database.label,
             record.id,
             record.version,
-            "" if result.changed else " (already held that content)",
+            f", dropped {', '.join(dropped)}" if dropped else "",
             result.elapsed_s,
         )
         return result
@@ -277,8 +280,9 @@ class SnapshotActivities:
     async def checksum(self, request: ChecksumRequest) -> ContentChecksum:
         """Digest of the live database's logical content (comparable with a snapshot's)."""
         with _as_activity_errors():
-            async with heartbeating({"phase": "checksum"}):
-                digest, tables, rows = await content_checksum(request.database)
+            progress: dict[str, object] = {"phase": "checksum"}
+            async with heartbeating(progress):
+                digest, tables, rows = await content_checksum(request.database, progress)
         return ContentChecksum(
             db_kind=request.database.kind, content_checksum=digest, tables=tables, rows=rows
         )

@@ -145,10 +145,14 @@ class RestoreResult(Model):
     db_kind: DatabaseKind
     content_checksum: str
     """Of the live database after the restore: equal to the snapshot's (else the restore fails)."""
-    content_checksum_before: str
-    """Of the live database just before the restore (what was replaced)."""
-    changed: bool
-    """False when the database already held the snapshot's content (a repeated restore)."""
+    content_checksum_before: str = ""
+    """Empty: not measured. Restores no longer digest the database before writing it (a second
+    full read on the rollback's path); results recorded before that carry the digest of what
+    was replaced."""
+    changed: bool = True
+    """True: the snapshot's content was written. Every restore writes it, even over equal
+    content (restoring is idempotent); False only in results recorded before that, when the
+    database already held the snapshot's content and the restore was skipped."""
     method: str
     """How the content was put back, e.g. ``sqlite-backup-api`` or ``pg_restore-single-txn``."""
     dropped_tables: list[str] = Field(default_factory=list)

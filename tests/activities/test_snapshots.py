@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from activities import db_postgres, db_sqlite, snapshots
 from activities.snapshot_catalog import SnapshotCatalog
 from activities.snapshots import SnapshotActivities
 from tests.fixtures.postgres import pg_database, pg_server  # noqa: F401 - fixtures
@@ -28,6 +29,7 @@ from workflows.snapshot_models import (
     DatabaseKind,
     DatabaseRef,
     RestoreRequest,
+    RestoreResult,
     SnapshotRecord,
     SnapshotRequest,
 )
@@ -192,7 +194,8 @@ async def test_sqlite_round_trip_restores_the_snapshot_content(
     conn.close()
 
     again = await env.run(acts.restore, restore_request(record, db))
-    assert again.content_checksum == original and not again.changed
+    assert again.content_checksum == original
+    assert again.changed and again.content_checksum_before == ""  # written again, not measured
 
 
 @pytest.mark.parametrize("journal_mode", ["wal", "delete"])
@@ -317,6 +320,81 @@ async def test_sqlite_snapshot_of_a_missing_file_is_refused(
     assert acts.catalog.list() == []
 
 
+async def test_restore_writes_even_equal_content_and_digests_only_after(
+    env: ActivityEnvironment,
+    acts: SnapshotActivities,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = make_sqlite(tmp_path / "state.db")
+    record = await env.run(acts.snapshot, snapshot_request(db))
+    digests: list[DatabaseRef] = []
+    writes: list[Path] = []
+    real_digest, real_restore = snapshots.content_checksum, db_sqlite.restore
+
+    async def counted_digest(
+        database: DatabaseRef, progress: dict[str, object] | None = None
+    ) -> tuple[str, list[str], int]:
+        digests.append(database)
+        return await real_digest(database, progress)
+
+    def counted_restore(artifact: Path, target: Path) -> None:
+        writes.append(target)
+        real_restore(artifact, target)
+
+    monkeypatch.setattr(snapshots, "content_checksum", counted_digest)
+    monkeypatch.setattr(db_sqlite, "restore", counted_restore)
+    result = await env.run(acts.restore, restore_request(record, db))  # content already equal
+    assert writes == [db.path] and digests == [db]  # restored, then digested once to verify
+    assert result.changed and result.content_checksum == record.content_checksum
+    assert result.content_checksum_before == ""
+
+
+async def test_sqlite_restore_is_not_verified_while_a_writer_keeps_writing(
+    env: ActivityEnvironment,
+    acts: SnapshotActivities,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = make_sqlite(tmp_path / "state.db")
+    record = await env.run(acts.snapshot, snapshot_request(db))
+    mutate_sqlite(db.path)  # type: ignore[arg-type]
+    real_restore = db_sqlite.restore
+
+    def restore_then_a_write(artifact: Path, target: Path) -> None:
+        real_restore(artifact, target)
+        conn = sqlite3.connect(target, isolation_level=None)  # the strategy was not halted
+        conn.execute("INSERT INTO ledger (txn, account, amount) VALUES (1, 2, 3)")
+        conn.close()
+
+    monkeypatch.setattr(db_sqlite, "restore", restore_then_a_write)
+    with pytest.raises(ApplicationError) as caught:
+        await env.run(acts.restore, restore_request(record, db))
+    assert caught.value.type == "RestoreNotVerified" and caught.value.non_retryable
+    message = str(caught.value)
+    assert f"{db.label} after restoring {record.id}" in message
+    assert record.content_checksum[:16] in message and "is something still writing?" in message
+
+
+def test_restore_results_recorded_before_still_decode() -> None:
+    fields: dict[str, object] = {
+        "snapshot_id": "snap-" + "0" * 24,
+        "strategy": "mm-btc",
+        "env": "staging",
+        "version": "1.4.2",
+        "db_kind": "sqlite",
+        "content_checksum": "d" * 64,
+        "method": "sqlite-backup-api",
+        "restored_at": "2026-01-31T00:00:00Z",
+    }
+    skipped = RestoreResult.model_validate(
+        {**fields, "changed": False, "content_checksum_before": "d" * 64}
+    )
+    assert not skipped.changed and skipped.content_checksum_before == "d" * 64
+    now = RestoreResult.model_validate(fields)
+    assert now.changed and now.content_checksum_before == ""
+
+
 # --------------------------------------------------------------------------- PostgreSQL
 
 PG_SCHEMA = """
@@ -399,7 +477,8 @@ async def test_pg_round_trip_restores_the_snapshot_content(
         assert (await cur.fetchone()) == (TOTAL,)
 
     again = await env.run(acts.restore, restore_request(record, db))
-    assert again.content_checksum == original and not again.changed
+    assert again.content_checksum == original
+    assert again.changed and again.content_checksum_before == ""  # written again, not measured
 
 
 async def test_pg_snapshot_under_writers_is_one_consistent_point(
@@ -457,6 +536,35 @@ async def test_pg_snapshot_under_writers_is_one_consistent_point(
         cur = await conn.execute("SELECT count(DISTINCT txn) FROM ledger")
         row = await cur.fetchone()
         assert row is not None and before <= row[0] <= commits[0]
+
+
+async def test_pg_restore_is_not_verified_while_a_writer_keeps_writing(
+    env: ActivityEnvironment,
+    acts: SnapshotActivities,
+    pg_database: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await make_pg(pg_database)
+    db = pg_ref(pg_database, monkeypatch)
+    record = await env.run(acts.snapshot, snapshot_request(db))
+    await mutate_pg(pg_database)
+    real_restore = db_postgres.restore
+
+    async def restore_then_a_write(ref: DatabaseRef, artifact: Path, drop: list[str]) -> None:
+        await real_restore(ref, artifact, drop)
+        async with await psycopg.AsyncConnection.connect(pg_database, autocommit=True) as conn:
+            await conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 0")
+
+    monkeypatch.setattr(db_postgres, "restore", restore_then_a_write)
+    with pytest.raises(ApplicationError) as caught:
+        await env.run(acts.restore, restore_request(record, db))
+    assert caught.value.type == "RestoreNotVerified" and caught.value.non_retryable
+    message = str(caught.value)
+    assert f"after restoring {record.id}" in message and "is something still writing?" in message
+    async with await psycopg.AsyncConnection.connect(pg_database) as conn:
+        added = "SELECT to_regclass('added_by_new_version'), sum(balance) FROM accounts"
+        cur = await conn.execute(added)
+        assert (await cur.fetchone()) == (None, TOTAL + 1)  # restored, then written to
 
 
 @pytest.mark.parametrize(("case", "kind", "message"), [REFUSALS[0], REFUSALS[1], REFUSALS[3]])
