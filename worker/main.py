@@ -19,13 +19,16 @@ from temporalio.client import Client
 from temporalio.worker import Interceptor, Worker
 
 from activities.accounts import ConfigError, load_accounts
+from activities.deploy_plan import DeployPlanner
 from activities.kill import KillActivities
+from activities.lease import LeaseActivities
 from activities.notify import ConsoleNotifier, Notifier, NotifyActivities
 from activities.reconcile import ReconcileActivities
 from activities.rollback_plan import NOT_RUNBOOKS, RollbackPlanner
 from activities.runbooks import Runbook, load_runbook
 from activities.snapshot_catalog import SnapshotCatalog
 from activities.snapshots import SnapshotActivities
+from activities.staging_checks import StagingChecks
 from activities.targets import build_target
 from activities.targets.activities import TargetActivities
 from activities.targets.base import DeployTarget
@@ -106,6 +109,7 @@ def rollback_activities(settings: Settings) -> list[Callable[..., Any]]:
     planner = RollbackPlanner(settings.runbooks_dir, targets.target, catalog)
     return [
         planner.plan,
+        DeployPlanner(settings.runbooks_dir, targets.target).plan,
         TradingStateActivities().set_state,
         snapshots.snapshot,
         snapshots.restore,
@@ -114,6 +118,18 @@ def rollback_activities(settings: Settings) -> list[Callable[..., Any]]:
         targets.activate_version,
         targets.check_health,
         targets.current_version,
+        targets.start_candidate,
+        targets.promote_version,
+        targets.retire_version,
+        targets.target_view,
+    ]
+
+
+def deploy_venue_activities(settings: Settings, gateway: VenueGateway) -> list[Callable[..., Any]]:
+    """The deployment's activities that trade: staging checks and the lease handover."""
+    return [
+        StagingChecks(settings.runbooks_dir, gateway).run,
+        LeaseActivities(gateway).handover,
     ]
 
 
@@ -147,7 +163,10 @@ async def serve(settings: Settings, interceptors: Sequence[Interceptor] = ()) ->
         client,
         gateway,
         task_queue=settings.task_queue,
-        extra_activities=rollback_activities(settings),
+        extra_activities=[
+            *rollback_activities(settings),
+            *deploy_venue_activities(settings, gateway),
+        ],
         interceptors=list(interceptors),
     )
     try:
