@@ -19,6 +19,7 @@ from temporalio.client import Client
 from temporalio.worker import Interceptor, Worker
 
 from activities.accounts import ConfigError, load_accounts
+from activities.bake import BakeActivities
 from activities.deploy_plan import DeployPlanner
 from activities.kill import KillActivities
 from activities.lease import LeaseActivities
@@ -122,7 +123,14 @@ def rollback_activities(settings: Settings) -> list[Callable[..., Any]]:
         targets.promote_version,
         targets.retire_version,
         targets.target_view,
+        *bake_activities(targets),
     ]
+
+
+def bake_activities(targets: TargetActivities) -> list[Callable[..., Any]]:
+    """Shadow and canary measurements of a deployment, and the capital a version trades."""
+    bake = BakeActivities(targets.target)
+    return [bake.bake_shadow, bake.sample_metrics, bake.judge_canary, bake.set_allocation]
 
 
 def deploy_venue_activities(settings: Settings, gateway: VenueGateway) -> list[Callable[..., Any]]:

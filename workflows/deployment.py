@@ -20,7 +20,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.analysis_models import AnalysisResult, Verdict
+    from workflows.analysis_models import AnalysisResult, MetricSeries, Verdict
     from workflows.deploy_models import (
         ActivateRequest,
         ActivationRecord,
@@ -32,7 +32,7 @@ with workflow.unsafe.imports_passed_through():
         RetireResult,
     )
     from workflows.deployment_models import (
-        AnalysisRequest,
+        AllocationRequest,
         CandidateBake,
         CheckRequest,
         CheckResult,
@@ -43,7 +43,9 @@ with workflow.unsafe.imports_passed_through():
         DeployStatus,
         HandoverRequest,
         HandoverResult,
+        JudgeRequest,
         PauseDecision,
+        SampleRequest,
         ShadowReport,
         Stage,
         StageNode,
@@ -96,6 +98,8 @@ class DeployWorkflow:
         self._stage: Stage | None = None
         self._tree: dict[Stage, StageNode] = {s: StageNode(name=s.value) for s in Stage}
         self._switched = False
+        self._handed_over = False
+        self._baseline: MetricSeries | None = None
         self._candidate_started = False
         self._awaiting_approval = False
         self._approval = ApprovalState()
@@ -228,7 +232,7 @@ class DeployWorkflow:
         for number, step in enumerate(plan.canary, start=1):
             await self._canary_step(plan, number, step.capital, step.bake_s)
         await self._approval_gate(plan)
-        await self._handover(plan)
+        await self._promote(plan)
         await self._monitor(plan)
         await self._retire_old(plan)
 
@@ -278,18 +282,26 @@ class DeployWorkflow:
         )
         self._candidate_started = True
         await self._wait_healthy(plan, plan.version_to, Stage.SHADOW)
-        report: ShadowReport = await self._activity(
+        shadow = self._activity(
             "bake_shadow",
             CandidateBake(
                 ref=plan.ref,
                 baseline=plan.version_from,
                 candidate=plan.version_to,
                 bake_s=plan.shadow_bake_s,
+                database=plan.database,
             ),
             ShadowReport,
             timeout=timedelta(seconds=plan.shadow_bake_s + 120),
             stage=Stage.SHADOW,
         )
+        if plan.canary and plan.version_from is not None and plan.shadow_bake_s > 0:
+            # The live version's trading series of the same minutes: the canary's baseline.
+            report, self._baseline = await asyncio.gather(
+                shadow, self._sample(plan, plan.version_from, plan.shadow_bake_s, Stage.SHADOW)
+            )
+        else:
+            report = await shadow
         self._record(shadow=report)
         detail = f"{report.agreement:.0%} agreement over {report.decisions_compared} decisions"
         if report.agreement < plan.min_shadow_agreement:
@@ -307,23 +319,16 @@ class DeployWorkflow:
         name = f"step {number}: {capital:.0%} of capital"
         self._mark(Stage.CANARY, StepState.RUNNING, name)
         self._child(Stage.CANARY, name, StepState.RUNNING, f"baking {bake_s:.0f}s")
-        # From here on the candidate may send orders: a failure means rolling back.
-        self._switched = True
         assert plan.analysis is not None, "a runbook with canary steps has an analysis policy"
+        await self._allocate(plan, capital, f"canary {name}")
+        if not self._handed_over:
+            await self._handover(plan)  # from here on the candidate trades: failing rolls back
+        canary = await self._sample(plan, plan.version_to, bake_s, Stage.CANARY)
+        baseline = self._baseline or MetricSeries(version=plan.version_from or "none")
         result: AnalysisResult = await self._activity(
-            "bake_canary",
-            AnalysisRequest(
-                bake=CandidateBake(
-                    ref=plan.ref,
-                    baseline=plan.version_from,
-                    candidate=plan.version_to,
-                    capital=capital,
-                    bake_s=bake_s,
-                ),
-                policy=plan.analysis,
-            ),
+            "judge_canary",
+            JudgeRequest(policy=plan.analysis, baseline=baseline, canary=canary),
             AnalysisResult,
-            timeout=timedelta(seconds=bake_s + 120),
             stage=Stage.CANARY,
         )
         self._record(analyses=[*self._draft.analyses, result])
@@ -393,6 +398,7 @@ class DeployWorkflow:
         self._mark(Stage.APPROVAL, StepState.DONE, ", ".join(self._approval.approvals))
 
     async def _handover(self, plan: DeployPlan) -> None:
+        """The first switch: the lease moves, fenced, from the live version to the new one."""
         self._switched = True
         result: HandoverResult = await self._stage_run(
             Stage.HANDOVER,
@@ -411,18 +417,53 @@ class DeployWorkflow:
             ),
             lambda r: f"epoch {r.epoch} to {r.holder} in {r.handover_s:.2f}s",
         )
+        self._handed_over = True
         self._record(handover=result)
-        await self._activity(
-            "promote_version",
-            ActivateRequest(
-                ref=plan.ref,
-                version=plan.version_to,
-                requested_by=workflow.info().workflow_id,
-                reason="promoted",
+
+    async def _promote(self, plan: DeployPlan) -> None:
+        if not self._handed_over:
+            await self._handover(plan)
+        await self._allocate(plan, 1.0, "promoted")
+        await self._stage_run(
+            Stage.PROMOTE,
+            self._activity(
+                "promote_version",
+                ActivateRequest(
+                    ref=plan.ref,
+                    version=plan.version_to,
+                    requested_by=workflow.info().workflow_id,
+                    reason="promoted",
+                ),
+                ActivationRecord,
             ),
-            ActivationRecord,
-            stage=Stage.HANDOVER,
+            lambda r: f"{r.version} is current; {r.previous} stays warm",
         )
+
+    async def _allocate(self, plan: DeployPlan, capital: float, why: str) -> None:
+        await self._activity(
+            "set_allocation",
+            AllocationRequest(
+                database=plan.database,
+                version=plan.version_to,
+                capital=capital,
+                who=workflow.info().workflow_id,
+                why=why,
+            ),
+            float,
+            stage=Stage.CANARY if capital < 1 else Stage.PROMOTE,
+        )
+
+    async def _sample(
+        self, plan: DeployPlan, version: str, bake_s: float, stage: Stage
+    ) -> MetricSeries:
+        series: MetricSeries = await self._activity(
+            "sample_metrics",
+            SampleRequest(ref=plan.ref, version=version, bake_s=bake_s),
+            MetricSeries,
+            timeout=timedelta(seconds=bake_s + 120),
+            stage=stage,
+        )
+        return series
 
     async def _monitor(self, plan: DeployPlan) -> None:
         self._mark(Stage.MONITOR, StepState.RUNNING, f"{plan.monitor_s:.0f}s")

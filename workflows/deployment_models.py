@@ -11,7 +11,7 @@ from enum import StrEnum
 
 from pydantic import Field
 
-from workflows.analysis_models import AnalysisPolicy, AnalysisResult, Verdict
+from workflows.analysis_models import AnalysisPolicy, AnalysisResult, MetricSeries, Verdict
 from workflows.deploy_models import StrategyRef
 from workflows.rollback_models import NAME_PATTERN, ApprovalDecision, StepTimeouts
 from workflows.shared import Model, StepState
@@ -78,9 +78,12 @@ class Stage(StrEnum):
     VALIDATE = "validate"
     SNAPSHOT = "snapshot"
     SHADOW = "shadow"
+    HANDOVER = "handover"
+    """The trading lease moves to the new version (at the first canary step, else after the
+    approval): the first switch."""
     CANARY = "canary"
     APPROVAL = "approval"
-    HANDOVER = "handover"
+    PROMOTE = "promote"
     MONITOR = "monitor"
     RETIRE = "retire"
     ROLLBACK = "rollback"
@@ -122,6 +125,33 @@ class CandidateBake(Model):
     capital: float = 0.0
     """0: shadow (decides, sends nothing); >0: share of capital the candidate trades."""
     bake_s: float
+    database: DatabaseRef | None = None
+    """The strategy's database, where both versions log their decisions."""
+
+
+class SampleRequest(Model):
+    """Scrape one version's /metrics every ``interval_s`` for ``bake_s``: its trading series."""
+
+    ref: StrategyRef
+    version: str
+    bake_s: float = Field(gt=0)
+    interval_s: float = Field(default=2.0, gt=0)
+
+
+class JudgeRequest(Model):
+    policy: AnalysisPolicy
+    baseline: MetricSeries
+    canary: MetricSeries
+
+
+class AllocationRequest(Model):
+    """The share of capital (notional and position caps) ``version`` trades from now on."""
+
+    database: DatabaseRef
+    version: str
+    capital: float = Field(gt=0, le=1)
+    who: str
+    why: str
 
 
 class ShadowReport(Model):

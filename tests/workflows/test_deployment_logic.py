@@ -20,7 +20,13 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from tests.helpers import assert_eventually, new_worker
 from tests.workflows.test_kill_switch_logic import FakeVenue
 from tests.workflows.test_rollback_logic import DB, REF, SNAPSHOT, FakeSystem, plan
-from workflows.analysis_models import AnalysisPolicy, AnalysisResult, MetricPolicy, Verdict
+from workflows.analysis_models import (
+    AnalysisPolicy,
+    AnalysisResult,
+    MetricPolicy,
+    MetricSeries,
+    Verdict,
+)
 from workflows.deploy_models import (
     ActivateRequest,
     ActivationRecord,
@@ -33,7 +39,7 @@ from workflows.deploy_models import (
 )
 from workflows.deployment import DeployWorkflow
 from workflows.deployment_models import (
-    AnalysisRequest,
+    AllocationRequest,
     CanaryStep,
     CandidateBake,
     CheckRequest,
@@ -44,7 +50,9 @@ from workflows.deployment_models import (
     DeployReport,
     HandoverRequest,
     HandoverResult,
+    JudgeRequest,
     PauseDecision,
+    SampleRequest,
     ShadowReport,
     Stage,
     deploy_workflow_id,
@@ -126,10 +134,20 @@ class FakeRelease:
             self.calls.append("shadow")
             return ShadowReport(decisions_compared=200, agreement=self.agreement)
 
-        @activity.defn(name="bake_canary")
-        async def bake_canary(r: AnalysisRequest) -> AnalysisResult:
-            self.calls.append(f"canary:{r.bake.capital:g}")
+        @activity.defn(name="sample_metrics")
+        async def sample(r: SampleRequest) -> MetricSeries:
+            self.calls.append(f"sample:{r.version}")
+            return MetricSeries(version=r.version, values={"order_latency_p99_s": [0.01] * 30})
+
+        @activity.defn(name="judge_canary")
+        async def judge(r: JudgeRequest) -> AnalysisResult:
+            self.calls.append(f"judge:{r.baseline.version}<>{r.canary.version}")
             return verdict(self.verdicts.pop(0))
+
+        @activity.defn(name="set_allocation")
+        async def allocate(r: AllocationRequest) -> float:
+            self.calls.append(f"capital:{r.version}={r.capital:g}")
+            return r.capital
 
         @activity.defn(name="handover_lease")
         async def handover(r: HandoverRequest) -> HandoverResult:
@@ -171,7 +189,9 @@ class FakeRelease:
             snapshot,
             start_candidate,
             bake_shadow,
-            bake_canary,
+            sample,
+            judge,
+            allocate,
             handover,
             promote,
             retire,
@@ -232,15 +252,19 @@ async def test_a_good_release_goes_through_every_stage_and_is_promoted(time_env)
         report: DeployReport = await handle.result()
     assert report.outcome is DeployOutcome.PROMOTED, report.error
     checks = [f"check:{c}" for c in release.plan.checks]
-    assert release.calls == [
-        "plan",
-        *checks,
-        f"snapshot:{OLD}",
-        f"candidate:{NEW}",
-        "shadow",
-        "canary:0.05",
-        "canary:0.25",
-        f"handover:{OLD}->{NEW}",
+    calls = release.calls
+    # The live version is sampled while the candidate shadows it (the canary's baseline).
+    assert sorted(calls[len(checks) + 3 : len(checks) + 5]) == ["sample:1.3.0", "shadow"]
+    assert calls[: len(checks) + 3] == ["plan", *checks, f"snapshot:{OLD}", f"candidate:{NEW}"]
+    assert calls[len(checks) + 5 :] == [
+        f"capital:{NEW}=0.05",
+        f"handover:{OLD}->{NEW}",  # the first switch: the canary trades from here
+        f"sample:{NEW}",
+        f"judge:{OLD}<>{NEW}",
+        f"capital:{NEW}=0.25",
+        f"sample:{NEW}",
+        f"judge:{OLD}<>{NEW}",
+        f"capital:{NEW}=1",
         f"promote:{NEW}",
         f"retire:{OLD}",  # after the warm delay
     ]
@@ -274,7 +298,8 @@ async def test_shadow_disagreement_retires_the_candidate_without_a_rollback(time
     async with Running(time_env, release) as handle:
         report: DeployReport = await handle.result()
     assert report.outcome is DeployOutcome.REJECTED and report.failed_stage is Stage.SHADOW
-    assert release.calls[-2:] == ["shadow", f"retire:{NEW}"]  # the candidate, not the live one
+    assert release.calls[-1] == f"retire:{NEW}"  # the candidate, not the live one
+    assert not any(c.startswith(("capital:", "handover:")) for c in release.calls)
     assert report.rollback_workflow_id is None
 
 
@@ -290,7 +315,7 @@ async def test_a_failing_canary_starts_the_rollback_saga_as_a_child(time_env) ->
     assert report.failed_stage is Stage.CANARY
     assert report.rollback_workflow_id == f"rollback/{REF.strategy}/{REF.env}"
     assert rolled.outcome is RollbackOutcome.ROLLED_BACK
-    assert "handover" not in " ".join(release.calls)  # never promoted
+    assert f"promote:{NEW}" not in release.calls  # never promoted
     assert f"activate:{OLD}" in release.calls and "restore:snap-a" in release.calls
 
 
