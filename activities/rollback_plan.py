@@ -76,7 +76,11 @@ class RollbackPlanner:
         if version_to is None:
             raise _refuse(f"{runbook.ref}: no previous version is recorded; name one")
         if version_to == version_from:
-            raise _refuse(f"{runbook.ref}: {version_to} is already the current version")
+            # Still current, but a deployment's candidate may run (and trade) beside it: rolling
+            # back to the current version then clears the candidate. Otherwise nothing to do.
+            beside = [v for v in await target.running_versions() if v != version_to]
+            if not beside:
+                raise _refuse(f"{runbook.ref}: {version_to} is already the current version")
         snapshot = await asyncio.to_thread(self._snapshot, request, version_to)
         return RollbackPlan(
             ref=runbook.ref,

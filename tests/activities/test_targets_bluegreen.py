@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ import pytest_asyncio
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from activities.rollback_plan import RollbackPlanner
+from activities.snapshot_catalog import SnapshotCatalog
 from activities.targets import SupervisorTarget, TargetActivities, TargetError, UnknownRelease
 from sandbox.strategy.config import HTTP_PORT_ENV, PORT_FILE_ENV, Fault, StrategyConfig
 from sandbox.strategy.releases import build_release
@@ -35,6 +38,8 @@ from workflows.deploy_models import (
     RetireRequest,
     TargetView,
 )
+from workflows.rollback_models import RollbackInput
+from workflows.snapshot_models import DatabaseKind, SnapshotRecord
 
 START_S = 20.0
 """Generous: a strategy imports ccxt and reaches the sandbox before it is healthy."""
@@ -378,3 +383,44 @@ def test_strategy_config_port_overrides(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv(PORT_FILE_ENV, str(tmp_path / "2.0.port"))
     own = StrategyConfig.load(path)
     assert (own.http_port, own.port_file) == (0, tmp_path / "2.0.port")
+
+
+async def test_a_rollback_to_the_current_version_is_planned_only_while_a_candidate_runs(
+    halted: Rig, tmp_path: Path
+) -> None:
+    """A deployment that fails during its canary rolls back to the version that is still
+    current: the plan allows it exactly when a candidate runs beside (to clear it)."""
+    target = halted.target
+    catalog = SnapshotCatalog(tmp_path / "catalog.sqlite")
+    catalog.add(
+        SnapshotRecord(
+            id="snap-" + "b" * 24,
+            strategy=REF.strategy,
+            env=REF.env,
+            version="1.0",
+            db_kind=DatabaseKind.SQLITE,
+            size_bytes=1,
+            checksum="c" * 64,
+            content_checksum="d" * 64,
+            created_at=datetime.now(UTC),
+            path=tmp_path / "artifact",
+        )
+    )
+    runbooks = tmp_path / "rb"
+    runbooks.mkdir()
+    (runbooks / "rb.yaml").write_text(
+        f"strategy: {REF.strategy}\nenv: {REF.env}\naccounts: [alpha-futures]\n"
+        f"target: {{kind: supervisor, releases_root: {halted.releases}, state_dir: /s, "
+        f"strategy_config: /c.json, http_port: 8081}}\n"
+        f"database: {{kind: sqlite, path: {tmp_path}/db.sqlite}}\nflatten: {{mode: auto}}\n"
+    )
+    planner = RollbackPlanner(runbooks, lambda ref: target, catalog)
+    request = RollbackInput(
+        strategy=REF.strategy, env=REF.env, target_version="1.0", reason="canary", requested_by="a"
+    )
+    await target.activate("1.0", requested_by="test", reason="live")
+    with pytest.raises(ApplicationError, match="already the current version"):
+        await ActivityEnvironment().run(planner.plan, request)
+    await target.start_candidate("2.0", requested_by="test", reason="canary")
+    plan = await ActivityEnvironment().run(planner.plan, request)
+    assert (plan.version_from, plan.version_to) == ("1.0", "1.0")
