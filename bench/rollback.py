@@ -125,7 +125,6 @@ STRATEGY, GOOD, FAULTY = "sample", "1.0.0", "1.1.0"
 QUOTED = "HBARUSDT"
 """The strategy's symbol: not one of K1's 25, so it never touches the seeded book."""
 CLIENT_PREFIX = "sgr1"
-FEED_TOKEN_ENV = "BG_BENCH_FEED_TOKEN"
 ROWS = 1_000_000
 TARGET = 1.3
 FLOOR_POLL_S = 0.1
@@ -329,8 +328,6 @@ def prepare_strategy(stack: Stack, scene: Scene, dsn: str) -> None:
     config = StrategyConfig(
         exchange_address=stack.sandbox.address,
         ca_file=stack.sandbox.ca_file,
-        feed_url=stack.sandbox.admin_url,
-        feed_token_env=FEED_TOKEN_ENV,
         api_key_env=account.key_env,
         secret_env=account.secret_env,
         db=dsn,
@@ -344,8 +341,6 @@ def prepare_strategy(stack: Stack, scene: Scene, dsn: str) -> None:
         quote_offset_bps=Decimal(300),  # rests: every position stays the K1 book's
     )
     target.strategy_config.write_text(config.model_dump_json())
-    # supervisord hands its environment (the accounts' keys are there already) to strategies.
-    os.environ[FEED_TOKEN_ENV] = stack.sandbox.admin_token
 
 
 async def healthy(target: SupervisorTarget, version: str) -> bool:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 
 from sandbox.context import Ctx, Route, ping, server_time
 from sandbox.engine import Account, NewOrder, Order, Position, VenueError, now_ms
-from sandbox.markets import BY_SYMBOL, fmt, futures_exchange_info
+from sandbox.markets import BY_SYMBOL, MARKETS, fmt, futures_exchange_info
 
 LEVERAGE = Decimal(20)
 MAX_BATCH_CANCEL = 10
+FUNDING_INTERVAL_MS = 8 * 3600 * 1000
+FUNDING_RATE = "0.00010000"
+"""The sandbox has no funding: every perpetual shows Binance's default interest rate."""
 
 
 def render_order(o: Order) -> dict[str, object]:
@@ -73,6 +77,44 @@ def render_algo(o: Order) -> dict[str, object]:
 
 def exchange_info(ctx: Ctx) -> object:
     return futures_exchange_info(now_ms(), ctx.weight_limit)
+
+
+def _one_or_all(ctx: Ctx, row: Callable[[str], dict[str, object]]) -> object:
+    """Binance's public tickers: an object for ``symbol``, else a list over every symbol."""
+    sym = ctx.symbol(required=False)
+    return row(sym) if sym is not None else [row(m.symbol) for m in MARKETS]
+
+
+def premium_index(ctx: Ctx) -> object:
+    """``GET /fapi/v1/premiumIndex``: mark price and funding (ccxt ``fetch_mark_price(s)``).
+
+    The sandbox's one price per symbol is its mark; index and settle prices equal it.
+    """
+    now = now_ms()
+
+    def row(sym: str) -> dict[str, object]:
+        mark = fmt(ctx.engine.mark(sym))
+        return {
+            "symbol": sym,
+            "markPrice": mark,
+            "indexPrice": mark,
+            "estimatedSettlePrice": mark,
+            "lastFundingRate": FUNDING_RATE,
+            "interestRate": FUNDING_RATE,
+            "nextFundingTime": (now // FUNDING_INTERVAL_MS + 1) * FUNDING_INTERVAL_MS,
+            "time": now,
+        }
+
+    return _one_or_all(ctx, row)
+
+
+def ticker_price(ctx: Ctx) -> object:
+    """``GET /fapi/v1/ticker/price`` and ``/fapi/v2/ticker/price`` (ccxt ``fetch_last_prices``):
+    the last price, which in the sandbox is the mark."""
+    now = now_ms()
+    return _one_or_all(
+        ctx, lambda sym: {"symbol": sym, "price": fmt(ctx.engine.mark(sym)), "time": now}
+    )
 
 
 def _new_order(ctx: Ctx, algo: bool) -> NewOrder:
@@ -372,6 +414,9 @@ ROUTES = [
     Route("GET", "/fapi/v1/exchangeInfo", exchange_info, signed=False),
     Route("GET", "/fapi/v1/time", server_time, signed=False),
     Route("GET", "/fapi/v1/ping", ping, signed=False),
+    Route("GET", "/fapi/v1/premiumIndex", premium_index, signed=False),
+    Route("GET", "/fapi/v1/ticker/price", ticker_price, signed=False),
+    Route("GET", "/fapi/v2/ticker/price", ticker_price, signed=False),
     Route("POST", "/fapi/v1/order", new_order),
     Route("GET", "/fapi/v1/order", get_order),
     Route("DELETE", "/fapi/v1/order", cancel_order),

@@ -17,6 +17,9 @@ FAPI_WEIGHTS: dict[tuple[str, str], tuple[int, int]] = {
     ("GET", "/fapi/v1/exchangeInfo"): (1, 1),
     ("GET", "/fapi/v1/time"): (1, 1),
     ("GET", "/fapi/v1/ping"): (1, 1),
+    ("GET", "/fapi/v1/premiumIndex"): (1, 1),  # every symbol for 1, as Binance documents it
+    ("GET", "/fapi/v1/ticker/price"): (1, 2),
+    ("GET", "/fapi/v2/ticker/price"): (1, 2),
     ("POST", "/fapi/v1/order"): (1, 1),
     ("GET", "/fapi/v1/order"): (1, 1),
     ("DELETE", "/fapi/v1/order"): (1, 1),

@@ -21,7 +21,7 @@ from sandbox.admin_client import AdminError, SandboxAdmin
 from sandbox.seed import BookSpec, SeedAccount, seed_book
 from worker import devstack
 from worker.cli_common import console, err_console
-from worker.demo_rollback import export_feed_token, run_rollback
+from worker.demo_rollback import run_rollback
 from worker.process import exit_now
 from worker.settings import Settings
 from workflows.shared import kill_workflow_id
@@ -112,7 +112,6 @@ async def venue_view(admin: SandboxAdmin, credentials: dict[str, tuple[str, str]
 async def run(settings: Settings) -> int:
     credentials = demo_credentials(settings)
     export_credentials(credentials)
-    export_feed_token(settings)
     console.print("[bold]1. embedded stack[/bold] (Temporal dev server, sandbox exchange, worker)")
     stack = await devstack.up(settings)
     if not stack.component("worker").started:

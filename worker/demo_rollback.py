@@ -9,7 +9,6 @@ as a workflow); everything after "the release misbehaves" is the real saga.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -24,7 +23,6 @@ from sandbox.admin_client import SandboxAdmin
 from sandbox.strategy.config import Fault, StrategyConfig
 from sandbox.strategy.releases import build_release
 from sandbox.strategy.state import set_trading_state
-from worker import devstack
 from worker.cli_common import console
 from worker.main import target_for
 from worker.settings import Settings
@@ -32,13 +30,6 @@ from workflows.snapshot_models import SnapshotRequest
 
 STRATEGY, ENV = "sample", "demo"
 GOOD, FAULTY = "1.0.0", "1.1.0"
-FEED_TOKEN_ENV = "BG_SANDBOX_ADMIN_TOKEN"
-
-
-def export_feed_token(settings: Settings) -> None:
-    """The sample strategy reads prices from the sandbox's admin feed; supervisord hands its
-    environment to the strategy, so the token must be there before anything starts."""
-    os.environ[FEED_TOKEN_ENV] = devstack.ensure_admin_token(settings)
 
 
 def prepare(settings: Settings) -> tuple[DeployTarget, SnapshotActivities]:
@@ -49,8 +40,6 @@ def prepare(settings: Settings) -> tuple[DeployTarget, SnapshotActivities]:
     config = StrategyConfig(
         exchange_address=f"127.0.0.1:{settings.dev_sandbox_port}",
         ca_file=settings.sandbox_ca().resolve(),
-        feed_url=f"http://127.0.0.1:{settings.dev_sandbox_admin_port}",
-        feed_token_env=FEED_TOKEN_ENV,
         api_key_env="BG_ALPHA_FUTURES_KEY",
         secret_env="BG_ALPHA_FUTURES_SECRET",
         db=str(runbook.database.path),

@@ -43,7 +43,8 @@ def cli(argv: list[str] | None = None) -> int:
         return 3
     from sandbox.strategy.app import main  # ccxt takes a second to import
 
-    # supervisord stops programs with SIGTERM: leave through the normal cleanup path.
+    # supervisord stops programs with SIGTERM. Until the strategy's event loop takes the signal
+    # over (Strategy.stop: finish the orders in flight, then exit), leave through main's cleanup.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     return main(args.release.resolve(), args.config)
 

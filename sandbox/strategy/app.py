@@ -1,8 +1,10 @@
 """The strategy process: a quoting loop on ccxt binanceusdm, its database, /healthz and /metrics.
 
-Every loop re-reads the trading state from the database, reads prices, reconciles its orders and
-positions with the venue, then acts: ACTIVE quotes both sides within the position caps; REDUCING
-cancels entries and only sends reduce-only orders; HALTED cancels what rests and sends nothing.
+Every loop re-reads the trading state from the database, reads mark prices from the venue's public
+endpoint, reconciles its orders and positions with the venue, then acts: ACTIVE quotes both sides
+within the position caps; REDUCING cancels entries and only sends reduce-only orders; HALTED
+cancels what rests and sends nothing. SIGTERM (how supervisord stops a version) ends the loop: a
+read in flight is dropped, orders being sent are sent and recorded first, nothing new starts.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import ccxt.async_support as ccxt
@@ -25,7 +30,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from activities.venue_routing import loopback_session
 from sandbox.strategy.config import Fault, Release, StrategyConfig
-from sandbox.strategy.state import Database, TradingState, get_trading_state, utcnow
+from sandbox.strategy.state import (
+    Database,
+    TradingState,
+    fold_cash,
+    get_trading_state,
+    missing_table,
+    utcnow,
+)
 
 log = logging.getLogger("sandbox.strategy")
 logging.getLogger("ccxt").setLevel(logging.WARNING)  # ccxt logs the API key at DEBUG
@@ -63,27 +75,35 @@ class Metrics:
         info.labels(release.version, release.fault.value).set(1)
 
 
-class PriceFeed:
-    """Prices from the sandbox's admin view: the sandbox has no public ticker endpoint."""
+T = TypeVar("T")
+MAX_BACK_OFF_S = 300.0
 
-    def __init__(self, base_url: str, token: str) -> None:
-        self._url = base_url.rstrip("/") + "/admin/prices"
-        self._headers = {"Authorization": f"Bearer {token}"}
-        self._session: aiohttp.ClientSession | None = None
 
-    async def prices(self) -> dict[str, Decimal]:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                headers=self._headers, timeout=aiohttp.ClientTimeout(total=2)
-            )
-        async with self._session.get(self._url) as r:
-            r.raise_for_status()
-            body = await r.json()
-        return {k: Decimal(v) for k, v in body["prices"].items()}
+async def off_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a daemon thread, awaited. Unlike ``asyncio.to_thread``, a stopping process
+    does not wait for a call it no longer needs: each database call here is one transaction, so
+    one left behind at exit commits or rolls back whole."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
 
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+    def settle(error: BaseException | None, value: Any) -> None:
+        if done.done():
+            return  # the awaiting task was cancelled
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(value)
+
+    def work() -> None:
+        try:
+            outcome: tuple[BaseException | None, Any] = (None, fn(*args))
+        except BaseException as e:
+            outcome = (e, None)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=work, name=f"db-{fn.__name__}", daemon=True).start()
+    return await done
 
 
 def _env(name: str) -> str:
@@ -93,7 +113,20 @@ def _env(name: str) -> str:
     return value
 
 
+Book = dict[str, Decimal]
+"""Net position per exchange symbol."""
+
+
 class Strategy:
+    """One process of one release.
+
+    Request weight per loop (Binance USDⓈ-M): 1 for every symbol's mark price (one
+    ``premiumIndex`` request), 1 per quoted symbol for its open orders, 1 per order placed or
+    cancelled, 1 per order that left the book without us cancelling it (its fills), and
+    ``positionRisk`` (5) only every ``positions_refresh_s``: in between, the fills the strategy
+    records move its book. A cancel's answer already is the order's final state.
+    """
+
     def __init__(self, config: StrategyConfig, release: Release) -> None:
         self.config = config
         self.release = release
@@ -110,41 +143,100 @@ class Strategy:
         self.filled_orders = 0
         self.prices: dict[str, Decimal] = {}
         self.exchange: Any = None
+        self.positions: Book = {}
+        self._positions_at: float | None = None
+        """When positions were last read from the venue (None: read them next loop)."""
+        self._positions_state: TradingState | None = None
+        self._open: list[dict[str, Any]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._acting = False
+        """True while orders are being sent and recorded: a stop waits for that to finish."""
+        self._quiet_until = 0.0
+        """Rate-limited by the venue: no request before this (monotonic) time."""
 
     # ------------------------------------------------------------------ lifecycle
 
+    def stop(self, why: str = "SIGTERM") -> None:
+        """Stop after the step in flight: reads are abandoned, sending and recording orders is
+        finished first, and no new order starts."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("stopping (%s)%s", why, ": finishing the orders in flight" if self._acting else "")
+        if not self._acting and self._task is not None:
+            self._task.cancel()
+
     async def run(self) -> None:
-        cfg = self.config
-        await asyncio.to_thread(self.db.init_schema)
-        self.run_id = await asyncio.to_thread(self._record_run)
-        session = loopback_session(cfg.exchange_address, cfg.ca_file)
-        self.exchange = ccxt.binanceusdm(
-            {
-                "apiKey": _env(cfg.api_key_env),
-                "secret": _env(cfg.secret_env),
-                "session": session,
-                "enableRateLimit": False,
-                "timeout": 5000,
-                "options": {
-                    "fetchCurrencies": False,
-                    "fetchMargins": False,
-                    "fetchOpenOrders": {"warnWithoutSymbol": False},
-                },
-            }
-        )
-        feed = PriceFeed(cfg.feed_url, _env(cfg.feed_token_env))
-        runner = await self._serve()
+        loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop, sig.name)
         try:
+            await self._run()
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+        log.info("stopped")
+
+    async def _run(self) -> None:
+        cfg = self.config
+        session: aiohttp.ClientSession | None = None
+        runner: web.AppRunner | None = None
+        try:
+            await off_thread(self.db.init_schema)
+            self.run_id = await off_thread(self._record_run)
+            session = loopback_session(cfg.exchange_address, cfg.ca_file)
+            self.exchange = ccxt.binanceusdm(
+                {
+                    "apiKey": _env(cfg.api_key_env),
+                    "secret": _env(cfg.secret_env),
+                    "session": session,
+                    "enableRateLimit": False,
+                    "timeout": 5000,
+                    # ccxt sleeps this long in close() for the TLS connections of a session it
+                    # owns; this one is ours, closed right after: don't spend 250 ms of a stop.
+                    "timeout_on_exit": 0,
+                    "options": {
+                        "fetchCurrencies": False,
+                        "fetchMargins": False,
+                        "fetchOpenOrders": {"warnWithoutSymbol": False},
+                    },
+                }
+            )
+            runner = await self._serve()
             await self.exchange.load_markets()
-            while True:
+            while not self._stopping:
                 t0 = time.monotonic()
-                await self.loop_once(feed)
-                await asyncio.sleep(max(0.0, cfg.loop_interval_s - (time.monotonic() - t0)))
+                await self.loop_once()
+                if not self._stopping:
+                    await asyncio.sleep(max(0.0, cfg.loop_interval_s - (time.monotonic() - t0)))
         finally:
-            await feed.close()
+            # Shielded: a second signal must not cut the cleanup short.
+            await asyncio.shield(self._close(session, runner))
+
+    async def _close(
+        self, session: aiohttp.ClientSession | None, runner: web.AppRunner | None
+    ) -> None:
+        if self.exchange is not None:
             await self.exchange.close()
+        if session is not None:
             await session.close()
+        if runner is not None:
             await runner.cleanup()
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` (one transaction) off the loop. A database restored under the running
+        process from a snapshot older than one of its tables gets the schema, and the call is
+        retried once."""
+        try:
+            return await off_thread(fn, *args)
+        except Exception as e:
+            if not missing_table(e):
+                raise
+            log.warning("the database lacks a table (%s): creating the schema", e)
+            await off_thread(self.db.init_schema)
+            return await off_thread(fn, *args)
 
     def _record_run(self) -> int:
         with self.db.transaction() as cur:
@@ -157,10 +249,10 @@ class Strategy:
 
     # ------------------------------------------------------------------ one loop
 
-    async def loop_once(self, feed: PriceFeed) -> None:
+    async def loop_once(self) -> None:
         m = self.metrics
         try:
-            record = await asyncio.to_thread(get_trading_state, self.db)
+            record = await off_thread(get_trading_state, self.db)
             self.state, self.db_ok = record.state, True
         except Exception as e:
             # Cannot read the state: behave as HALTED until the database answers again.
@@ -169,124 +261,214 @@ class Strategy:
             log.warning("database unreachable: %s", type(e).__name__)
         for s in TradingState:
             m.state.labels(s.value).set(1 if s == self.state else 0)
-        try:
-            self.prices = await feed.prices()
-            self.last_feed = time.monotonic()
-        except Exception as e:
-            m.errors.labels("feed").inc()
-            log.warning("price feed failed: %s", type(e).__name__)
-        feed_fresh = (
-            self.last_feed is not None
-            and time.monotonic() - self.last_feed <= self.config.feed_stale_s
-        )
-        try:
-            positions = await self._reconcile()
-            if feed_fresh:
-                await self._act(positions)
-        except ccxt.BaseError as e:
-            m.errors.labels("venue").inc()
-            log.warning("venue error: %s: %s", type(e).__name__, e)
+        if time.monotonic() >= self._quiet_until:
+            await self._trade()
         self.loop_no += 1
         self.last_loop = time.monotonic()
         self.last_loop_at = utcnow().isoformat()
         m.loops.inc()
 
-    async def _reconcile(self) -> dict[str, Decimal]:
-        """Read open orders and positions; record fills and P&L in the database."""
+    async def _trade(self) -> None:
+        m = self.metrics
+        await self._read_prices()
+        if time.monotonic() < self._quiet_until:
+            return
+        feed_fresh = (
+            self.last_feed is not None
+            and time.monotonic() - self.last_feed <= self.config.feed_stale_s
+        )
+        try:
+            await self._reconcile()
+            if feed_fresh and not self._stopping:
+                self._acting = True
+                try:
+                    await self._act()
+                finally:
+                    self._acting = False
+        except ccxt.BaseError as e:
+            m.errors.labels("venue").inc()
+            self._positions_at = None  # whatever happened, read the venue's positions again
+            log.warning("venue error: %s: %s", type(e).__name__, e)
+            self._back_off(e)
+
+    async def _read_prices(self) -> None:
+        """Every symbol's mark price from the venue's public ``premiumIndex`` (weight 1)."""
+        try:
+            tickers = await self.exchange.fetch_mark_prices()
+            self.prices = {
+                t["info"]["symbol"]: Decimal(t["info"]["markPrice"]) for t in tickers.values()
+            }
+            self.last_feed = time.monotonic()
+        except Exception as e:
+            self.metrics.errors.labels("feed").inc()
+            log.warning("price feed failed: %s", type(e).__name__)
+            self._back_off(e)
+
+    def _back_off(self, e: Exception) -> None:
+        """429/418: the weight budget is per IP, shared with the kill switch on this host, and
+        requests sent while limited get the IP banned (418) for everyone. Send nothing until the
+        venue's Retry-After (else the minute window's end)."""
+        if not isinstance(e, ccxt.DDoSProtection):
+            return
+        headers = getattr(self.exchange, "last_response_headers", None) or {}
+        try:
+            wait = float(headers.get("Retry-After") or "")
+        except (TypeError, ValueError):
+            wait = 60 - time.time() % 60
+        wait = min(max(wait, 1.0), MAX_BACK_OFF_S)
+        self._quiet_until = max(self._quiet_until, time.monotonic() + wait)
+        log.warning("rate-limited by the venue: no request for %.0f s", wait)
+
+    def _positions_due(self) -> bool:
+        return (
+            self._positions_at is None
+            or self.state != self._positions_state
+            or time.monotonic() - self._positions_at >= self.config.positions_refresh_s
+        )
+
+    async def _reconcile(self) -> None:
+        """Read open orders (and positions when due); record fills, positions and P&L."""
         ex = self.exchange
         symbols = [self._ccxt(s) for s in self.config.symbols]
         open_lists = await asyncio.gather(*(ex.fetch_open_orders(s) for s in symbols))
-        raw_positions = await ex.fetch_positions(symbols)
         open_by_cid = {o["clientOrderId"]: o for lst in open_lists for o in lst}
-        known = await asyncio.to_thread(self._known_open)
-        finals = {}
-        for cid, (order_id, symbol) in known.items():
-            if cid not in open_by_cid and order_id:
-                finals[cid] = await ex.fetch_order(order_id, self._ccxt(symbol))
-        positions = {p["info"]["symbol"]: Decimal(p["info"]["positionAmt"]) for p in raw_positions}
-        await asyncio.to_thread(self._store_reconcile, open_by_cid, finals, raw_positions)
+        known = await self._db(self._known_open)
+        gone = [(cid, oid, sym) for cid, (oid, sym) in known.items() if cid not in open_by_cid]
+        finals = await asyncio.gather(*(self._final_state(oid, sym) for _, oid, sym in gone))
+        raw_positions = None
+        if self._positions_due():
+            # Read after the orders: every fill those showed is in these positions already.
+            raw_positions = await ex.fetch_positions(symbols)
+            self._positions_at, self._positions_state = time.monotonic(), self.state
+        updates = {**open_by_cid, **{cid: o for (cid, _, _), o in zip(gone, finals, strict=True)}}
+        self.positions = await self._db(self._store_reconcile, updates, raw_positions)
         self._open = list(open_by_cid.values())
-        return positions
+
+    async def _final_state(self, order_id: str, symbol: str) -> dict[str, Any] | None:
+        """An order that left the book without us cancelling it: its fills (None: the venue no
+        longer knows it)."""
+        try:
+            order: dict[str, Any] = await self.exchange.fetch_order(order_id, self._ccxt(symbol))
+        except ccxt.OrderNotFound:
+            return None
+        return order
 
     def _known_open(self) -> dict[str, tuple[str, str]]:
         with self.db.transaction() as cur:
             rows = cur.execute(
                 "SELECT client_order_id, order_id, symbol FROM orders "
-                "WHERE status IN ('NEW', 'PARTIALLY_FILLED')"
+                "WHERE status IN ('NEW', 'PARTIALLY_FILLED') AND order_id IS NOT NULL"
             ).fetchall()
         return {r[0]: (r[1], r[2]) for r in rows}
 
+    def _record_orders(
+        self, cur: Any, updates: dict[str, dict[str, Any] | None], now: str
+    ) -> list[tuple[str, str, Decimal]]:
+        """Store the venue's view of our orders; returns the new fills (symbol, side, qty)."""
+        fills: list[tuple[str, str, Decimal]] = []
+        for cid, o in updates.items():
+            row = cur.execute(
+                "SELECT filled, symbol, side FROM orders WHERE client_order_id = ?", (cid,)
+            ).fetchone()
+            if row is None:
+                continue  # not ours (or placed by an earlier database)
+            if o is None:
+                cur.execute(
+                    "UPDATE orders SET status = 'NOT_FOUND', updated_at = ? "
+                    "WHERE client_order_id = ?",
+                    (now, cid),
+                )
+                log.warning("order %s: the venue no longer knows it", cid)
+                continue
+            filled = Decimal(str(o.get("filled") or 0))
+            delta = filled - Decimal(row[0])
+            status = str(o["info"].get("status") or "NEW")
+            if delta > 0:
+                price = Decimal(str(o.get("average") or o.get("price") or 0))
+                cur.execute(
+                    "INSERT INTO fills (client_order_id, symbol, side, qty, price, at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (cid, row[1], row[2], str(delta), str(price), now),
+                )
+                fills.append((row[1], row[2], delta))
+                self.metrics.fills.labels(row[1]).inc()
+                if status == "FILLED":
+                    self.filled_orders += 1
+            cur.execute(
+                "UPDATE orders SET filled = ?, status = ?, updated_at = ? "
+                "WHERE client_order_id = ?",
+                (str(filled), status, now, cid),
+            )
+        return fills
+
     def _store_reconcile(
-        self,
-        open_by_cid: dict[str, Any],
-        finals: dict[str, Any],
-        raw_positions: list[dict[str, Any]],
-    ) -> None:
+        self, updates: dict[str, dict[str, Any] | None], raw_positions: list[dict[str, Any]] | None
+    ) -> Book:
+        """One transaction: orders, fills, positions and P&L; returns the new book."""
         now = utcnow().isoformat()
         with self.db.transaction() as cur:
-            for cid, o in [*open_by_cid.items(), *finals.items()]:
-                row = cur.execute(
-                    "SELECT filled, symbol, side FROM orders WHERE client_order_id = ?", (cid,)
-                ).fetchone()
-                if row is None:
-                    continue  # not ours (or placed by an earlier database)
-                filled = Decimal(str(o.get("filled") or 0))
-                delta = filled - Decimal(row[0])
-                status = str(o["info"].get("status") or "NEW")
-                if delta > 0:
-                    price = Decimal(str(o.get("average") or o.get("price") or 0))
-                    cur.execute(
-                        "INSERT INTO fills (client_order_id, symbol, side, qty, price, at) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        (cid, row[1], row[2], str(delta), str(price), now),
+            fills = self._record_orders(cur, updates, now)
+            venue: dict[str, dict[str, Any]] = {}
+            if raw_positions is None:
+                book = _moved(self.positions, fills)
+            else:
+                book = {s: Decimal(0) for s in self.config.symbols}
+                for p in raw_positions:
+                    info = venue[p["info"]["symbol"]] = p["info"]
+                    book[info["symbol"]] = book.get(info["symbol"], Decimal(0)) + Decimal(
+                        info["positionAmt"]
                     )
-                    self.metrics.fills.labels(row[1]).inc()
-                    if status == "FILLED":
-                        self.filled_orders += 1
-                cur.execute(
-                    "UPDATE orders SET filled = ?, status = ?, updated_at = ? "
-                    "WHERE client_order_id = ?",
-                    (str(filled), status, now, cid),
-                )
-            for p in raw_positions:
-                info = p["info"]
-                cur.execute(
-                    "INSERT INTO positions (symbol, qty, entry_price, mark_price, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (symbol) DO UPDATE SET qty = "
-                    "excluded.qty, entry_price = excluded.entry_price, "
-                    "mark_price = excluded.mark_price, updated_at = excluded.updated_at",
-                    (
-                        info["symbol"],
-                        info["positionAmt"],
-                        info["entryPrice"],
-                        info["markPrice"],
-                        now,
-                    ),
-                )
-            live = {p["info"]["symbol"] for p in raw_positions}
-            for sym in self.config.symbols:
-                if sym not in live:
-                    cur.execute(
-                        "UPDATE positions SET qty = '0', updated_at = ? WHERE symbol = ?",
-                        (now, sym),
-                    )
-            # P&L: cash from every fill plus the marked value of what is held.
-            cash = Decimal(0)
-            for side, qty, price in cur.execute("SELECT side, qty, price FROM fills").fetchall():
-                sign = -1 if side == "buy" else 1
-                cash += sign * Decimal(qty) * Decimal(price)
-            held = Decimal(0)
-            for sym, qty in cur.execute("SELECT symbol, qty FROM positions").fetchall():
-                held += Decimal(qty) * self.prices.get(sym, Decimal(0))
-            total = cash + held
-            cur.execute(
-                "INSERT INTO pnl (id, total, updated_at) VALUES (1, ?, ?) ON CONFLICT (id) "
-                "DO UPDATE SET total = excluded.total, updated_at = excluded.updated_at",
-                (str(total), now),
-            )
-        self.metrics.pnl.set(float(total))
+            self._write_positions(cur, book, venue, now)
+            self._store_pnl(cur, now)
         if self.accepted:
             self.metrics.fill_rate.set(self.filled_orders / self.accepted)
+        return book
+
+    def _write_positions(
+        self, cur: Any, book: Book, venue: dict[str, dict[str, Any]], now: str
+    ) -> None:
+        """The book's sizes; entry and mark prices from the venue's rows where read, else the
+        mark from the feed (the entry price stays what the venue said last)."""
+        for sym, qty in book.items():
+            info = venue.get(sym)
+            if info is not None:
+                entry, mark = info["entryPrice"], info["markPrice"]
+            else:
+                entry, mark = None, str(self.prices.get(sym, Decimal(0)))
+            cur.execute(
+                "INSERT INTO positions (symbol, qty, entry_price, mark_price, updated_at) "
+                "VALUES (?, ?, COALESCE(?, '0'), ?, ?) ON CONFLICT (symbol) DO UPDATE SET "
+                "qty = excluded.qty, entry_price = COALESCE(?, positions.entry_price), "
+                "mark_price = excluded.mark_price, updated_at = excluded.updated_at",
+                (sym, str(qty), entry, mark, now, entry),
+            )
+
+    def _store_pnl(self, cur: Any, now: str) -> None:
+        """P&L: cash from every fill (kept incrementally, see ``fold_cash``) plus the marked value
+        of what is held."""
+        cash = fold_cash(cur)
+        held = Decimal(0)
+        for sym, qty in cur.execute("SELECT symbol, qty FROM positions").fetchall():
+            held += Decimal(qty) * self.prices.get(sym, Decimal(0))
+        total = cash + held
+        cur.execute(
+            "INSERT INTO pnl (id, total, updated_at) VALUES (1, ?, ?) ON CONFLICT (id) "
+            "DO UPDATE SET total = excluded.total, updated_at = excluded.updated_at",
+            (str(total), now),
+        )
+        self.metrics.pnl.set(float(total))
+
+    def _store_cancelled(self, cancelled: dict[str, dict[str, Any] | None]) -> Book:
+        """A cancel answers with the order's final state: recorded now, never looked up."""
+        now = utcnow().isoformat()
+        with self.db.transaction() as cur:
+            fills = self._record_orders(cur, cancelled, now)
+            book = _moved(self.positions, fills)
+            if fills:
+                moved = {f[0] for f in fills}
+                self._write_positions(cur, {s: q for s, q in book.items() if s in moved}, {}, now)
+                self._store_pnl(cur, now)
+        return book
 
     # ------------------------------------------------------------------ decide and act
 
@@ -300,8 +482,9 @@ class Strategy:
             filters["LOT_SIZE"]["stepSize"]
         )
 
-    async def _act(self, positions: dict[str, Decimal]) -> None:
+    async def _act(self) -> None:
         cfg = self.config
+        positions = self.positions
         fault = self.release.fault
         if self.state == TradingState.HALTED:
             await self._cancel([o for o in self._open])
@@ -354,11 +537,16 @@ class Strategy:
         await asyncio.gather(*(self._place(*d) for d in decisions))
 
     async def _cancel(self, orders: list[dict[str, Any]]) -> None:
-        async def one(o: dict[str, Any]) -> None:
-            with contextlib.suppress(ccxt.OrderNotFound):  # already gone: filled or cancelled
-                await self.exchange.cancel_order(o["id"], o["symbol"])
+        async def one(o: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+            try:
+                return o["clientOrderId"], await self.exchange.cancel_order(o["id"], o["symbol"])
+            except ccxt.OrderNotFound:  # already gone: filled or cancelled; looked up next loop
+                return o["clientOrderId"], None
 
-        await asyncio.gather(*(one(o) for o in orders))
+        answers = await asyncio.gather(*(one(o) for o in orders))
+        cancelled = {cid: order for cid, order in answers if order is not None}
+        if cancelled:
+            self.positions = await self._db(self._store_cancelled, cancelled)
 
     async def _place(
         self, sym: str, side: str, qty: Decimal, price: Decimal, reduce_only: bool
@@ -366,23 +554,25 @@ class Strategy:
         decided = time.monotonic()
         if self.release.fault == Fault.LATENCY:
             await asyncio.sleep(self.config.latency_fault_s)  # the slow "model"
+        if self._stopping:
+            return  # decided but not sent: nothing to record
         cid = f"{self.config.client_id_prefix}-{self.run_id}-{sym}-{side[0].upper()}-{self.loop_no}"
         params: dict[str, Any] = {"newClientOrderId": cid, "timeInForce": "GTC"}
         if reduce_only:
             params["reduceOnly"] = True
-        await asyncio.to_thread(self._store_new, cid, sym, side, qty, price, reduce_only)
+        await self._db(self._store_new, cid, sym, side, qty, price, reduce_only)
         try:
             order = await self.exchange.create_order(
                 self._ccxt(sym), "limit", side, float(qty), float(price), params
             )
         except (ccxt.InvalidOrder, ccxt.BadRequest, ccxt.InsufficientFunds) as e:
             self.metrics.rejects.labels(type(e).__name__).inc()
-            await asyncio.to_thread(self._store_status, cid, None, "REJECTED")
+            await self._db(self._store_status, cid, None, "REJECTED")
             return
         self.metrics.latency.observe(time.monotonic() - decided)
         self.metrics.orders.labels(sym).inc()
         self.accepted += 1
-        await asyncio.to_thread(self._store_status, cid, str(order["id"]), "NEW")
+        await self._db(self._store_status, cid, str(order["id"]), "NEW")
 
     def _store_new(
         self, cid: str, sym: str, side: str, qty: Decimal, price: Decimal, reduce_only: bool
@@ -439,7 +629,7 @@ class Strategy:
     async def _serve(self) -> web.AppRunner:
         async def healthz(request: web.Request) -> web.Response:
             try:
-                await asyncio.to_thread(get_trading_state, self.db)
+                await off_thread(get_trading_state, self.db)
                 self.db_ok = True
             except Exception:
                 self.db_ok = False
@@ -457,7 +647,8 @@ class Strategy:
         app = web.Application()
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/metrics", metrics)
-        runner = web.AppRunner(app, access_log=None)
+        # A stop does not wait for a /healthz whose database read is slow.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
         site = web.TCPSite(runner, self.config.http_host, self.config.http_port)
         await site.start()
@@ -468,6 +659,13 @@ class Strategy:
             os.replace(tmp, self.config.port_file)
         log.info("serving /healthz and /metrics on %s:%s", self.config.http_host, port)
         return runner
+
+
+def _moved(book: Book, fills: list[tuple[str, str, Decimal]]) -> Book:
+    out = dict(book)
+    for symbol, side, qty in fills:
+        out[symbol] = out.get(symbol, Decimal(0)) + (qty if side == "buy" else -qty)
+    return out
 
 
 def main(release_dir: Path, config_path: Path) -> int:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+LEGACY_FEED_FIELDS = frozenset({"feed_url", "feed_token_env"})
+"""Config fields of the admin-API price feed the strategy no longer has."""
 HTTP_PORT_ENV = "STRATEGY_HTTP_PORT"
 """Overrides ``http_port`` of the config file: two versions started side by side (blue/green)
 share one config but cannot share one port."""
@@ -62,10 +66,6 @@ class StrategyConfig(BaseModel):
     """Environment variable holding the API key (never passed on the command line)."""
     secret_env: str = "STRATEGY_API_SECRET"
     """Environment variable holding the API secret."""
-    feed_url: str
-    """Price feed: the sandbox's ``/admin/prices`` base URL (it has no public ticker)."""
-    feed_token_env: str = "STRATEGY_FEED_TOKEN"
-    """Environment variable holding the feed's bearer token."""
     db: str
     """SQLite file path, or a ``postgresql://`` DSN."""
     http_host: str = "127.0.0.1"
@@ -85,11 +85,27 @@ class StrategyConfig(BaseModel):
     max_position_notional: Decimal = Decimal(600)
     """Position cap per symbol: no quote that would grow a position beyond it."""
     feed_stale_s: float = 3.0
-    """/healthz fails once the last good price is older than this."""
+    """/healthz fails once the last good price (the venue's public mark prices) is older."""
+    positions_refresh_s: float = Field(default=5.0, gt=0)
+    """Positions are read from the venue (weight 5) at least this often, on the first loop, and
+    after a state change or a venue error; in between the strategy's own fills move them."""
     loop_stale_s: float = 5.0
     """/healthz fails once the last finished loop is older than this."""
     latency_fault_s: float = 1.2
     oversize_factor: Decimal = Decimal(20)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_admin_feed(cls, data: Any) -> Any:
+        """Configs written before prices came from the venue name the sandbox's admin feed: its
+        fields are ignored (the strategy holds no admin token), anything else unknown fails."""
+        if isinstance(data, dict) and LEGACY_FEED_FIELDS & data.keys():
+            logging.getLogger("sandbox.strategy").warning(
+                "config: ignoring %s: prices come from the venue's public endpoint",
+                ", ".join(sorted(LEGACY_FEED_FIELDS & data.keys())),
+            )
+            data = {k: v for k, v in data.items() if k not in LEGACY_FEED_FIELDS}
+        return data
 
     @classmethod
     def load(cls, path: Path) -> StrategyConfig:

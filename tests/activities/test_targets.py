@@ -63,7 +63,7 @@ async def rig(
     config = strategy_config(sandbox, base, symbols=["ETHUSDT"], loop_interval_s=0.5)
     (base / "strategy.json").write_text(config.model_dump_json())
     env = strategy_env(sandbox, account)
-    for key in ("STRATEGY_API_KEY", "STRATEGY_API_SECRET", "STRATEGY_FEED_TOKEN"):
+    for key in ("STRATEGY_API_KEY", "STRATEGY_API_SECRET"):
         monkeypatch.setenv(key, env[key])  # supervisord passes its environment on
     options: dict[str, object] = {
         "state_dir": str(base / "target"),

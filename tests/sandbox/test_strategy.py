@@ -44,7 +44,6 @@ def strategy_config(
     return StrategyConfig(
         exchange_address=sandbox.address,
         ca_file=sandbox.ca_file,
-        feed_url=sandbox.admin_url,
         db=db or str(workdir / "strategy.sqlite"),
         port_file=workdir / "http.port",
         client_id_prefix=f"sg{secrets.token_hex(2)}",
@@ -57,7 +56,6 @@ def strategy_env(sandbox: SandboxHandle, account: TestAccount) -> dict[str, str]
         **os.environ,
         "STRATEGY_API_KEY": account.api_key,
         "STRATEGY_API_SECRET": account.secret,
-        "STRATEGY_FEED_TOKEN": sandbox.admin_token,
     }
 
 

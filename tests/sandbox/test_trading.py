@@ -10,6 +10,7 @@ import pytest
 from sandbox.admin_client import SandboxAdmin
 from sandbox.admin_models import PositionSet, SeedOrder
 from sandbox.seed import BookSpec, SeedAccount, seed_book
+from sandbox.weights import weight_of
 from tests.fixtures.sandbox import NewAccount
 from tests.helpers import assert_eventually
 from tests.sandbox.conftest import Venue
@@ -266,3 +267,34 @@ async def test_seeded_partial_fill_is_open(
     async with venue(acct) as ex:
         (o,) = await ex.fetch_open_orders(BTC)
         assert o["id"] == str(oid) and o["status"] == "open" and o["filled"] == 0.004
+
+
+async def test_public_mark_and_last_prices_need_no_key(
+    new_account: NewAccount, venue: Venue, sandbox_admin: SandboxAdmin
+) -> None:
+    """premiumIndex and ticker/price answer without credentials, one symbol or all, at the
+    venue's own price; weights as Binance documents them (premiumIndex 1 even for all)."""
+    acct = await new_account()
+    keyless = acct.model_copy(update={"api_key": "", "secret": ""})
+    await sandbox_admin.control_prices(frozen=True)
+    try:
+        truth = (await sandbox_admin.prices()).prices
+        async with venue(keyless) as ex:
+            marks = await ex.fetch_mark_prices()
+            assert len(marks) == 30
+            assert Decimal(marks[BTC]["info"]["markPrice"]) == truth["BTCUSDT"]
+            one = await ex.fetch_mark_price(ETH)
+            assert Decimal(one["info"]["markPrice"]) == truth["ETHUSDT"]
+            assert one["info"]["nextFundingTime"] > one["info"]["time"]
+            last = await ex.fetch_last_prices([BTC, ETH])
+            assert set(last) == {BTC, ETH}
+            assert Decimal(last[ETH]["info"]["price"]) == truth["ETHUSDT"]
+            single = await ex.fapiPublicGetTickerPrice({"symbol": "BTCUSDT"})
+            assert Decimal(single["price"]) == truth["BTCUSDT"]
+            with pytest.raises(ccxt.BadSymbol):
+                await ex.fapiPublicGetPremiumIndex({"symbol": "NOPEUSDT"})
+    finally:
+        await sandbox_admin.control_prices(frozen=False)
+    assert weight_of("GET", "/fapi/v1/premiumIndex", False) == ("fapi", 1)
+    assert weight_of("GET", "/fapi/v2/ticker/price", False) == ("fapi", 2)
+    assert weight_of("GET", "/fapi/v1/ticker/price", True) == ("fapi", 1)
