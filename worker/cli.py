@@ -13,7 +13,7 @@ import traceback
 
 import typer
 
-from worker import cli_dev, cli_kill, cli_rollback, cli_runbook
+from worker import cli_deploy, cli_dev, cli_kill, cli_rollback, cli_runbook
 from worker.cli_common import exit_codes_help, register
 from worker.process import exit_now
 
@@ -31,6 +31,7 @@ app.add_typer(cli_dev.app, name="dev")
 app.add_typer(cli_runbook.app, name="runbook")
 register(app, cli_kill.kill, cli_kill.status)
 register(app, cli_rollback.rollback, cli_rollback.approve, cli_rollback.reject)
+register(app, cli_deploy.deploy, cli_deploy.promote, cli_deploy.abort_)
 
 
 def main() -> None:

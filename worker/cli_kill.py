@@ -1,4 +1,5 @@
-"""``breakglass kill`` and ``breakglass status``: start the kill switch, watch it, read its report.
+"""``breakglass kill`` and ``breakglass status``: start the kill switch, watch it, read its report
+(``status`` hands rollbacks and deployments to their own modules).
 
 Everything that can be checked before starting is checked first (accounts exist, input valid,
 Temporal reachable); a refusal starts nothing.
@@ -6,43 +7,24 @@ Temporal reachable); a refusal starts nothing.
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 import sys
 from datetime import timedelta
 
 import typer
-from pydantic import ValidationError
 from rich.live import Live
-from temporalio.client import (
-    Client,
-    WorkflowExecutionStatus,
-    WorkflowFailureError,
-    WorkflowHandle,
-)
-from temporalio.common import (
-    SearchAttributeKey,
-    SearchAttributePair,
-    TypedSearchAttributes,
-    WorkflowIDConflictPolicy,
-    WorkflowIDReusePolicy,
-)
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.accounts import ConfigError, load_accounts
-from worker.cli_common import (
-    abort,
-    connect_or_abort,
-    console,
-    err_console,
-    load_settings,
-    run_async,
-)
+from worker.cli_common import abort, connect_or_abort, console, load_settings, run_async
+from worker.cli_deploy import deploy_status
 from worker.cli_rollback import rollback_status
+from worker.cli_start import Start, launch, query_or_none, start, validated, watch
 from worker.render import report_view, steps_table
 from worker.settings import Settings
-from worker.temporal_client import live_pollers
 from workflows.kill_switch import KillSwitchWorkflow
 from workflows.shared import (
     ExitCode,
@@ -67,19 +49,17 @@ def _validated_input(
         known = load_accounts(settings.accounts_file)
         for name in accounts:
             known.get(name)
-        return KillSwitchInput(
-            accounts=accounts, reason=reason, requested_by=requested_by, scope=scope
-        )
     except ConfigError as e:
         abort(str(e), ExitCode.BAD_INPUT)
-    except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "input"
-        abort(f"invalid kill request: {field}: {first['msg']}", ExitCode.BAD_INPUT)
+    return validated(
+        "kill",
+        lambda: KillSwitchInput(
+            accounts=accounts, reason=reason, requested_by=requested_by, scope=scope
+        ),
+    )
 
 
-async def _start(client: Client, request: KillSwitchInput, settings: Settings) -> WorkflowHandle:
-    workflow_id = kill_workflow_id(request.accounts)
+def _spec(request: KillSwitchInput, settings: Settings) -> Start:
     attributes = (
         TypedSearchAttributes(
             [SearchAttributePair(KIND, "kill"), SearchAttributePair(ACCOUNTS, request.accounts)]
@@ -87,48 +67,48 @@ async def _start(client: Client, request: KillSwitchInput, settings: Settings) -
         if settings.search_attributes
         else None
     )
-    return await client.start_workflow(
+    return Start(
         KillSwitchWorkflow.run,
         request,
-        id=workflow_id,
-        task_queue=settings.task_queue,
-        # A second kill of the same accounts joins the running one instead of racing it.
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-        search_attributes=attributes,
-        execution_timeout=timedelta(hours=1),
+        workflow_id=kill_workflow_id(request.accounts),
         result_type=KillReport,
+        execution_timeout=timedelta(hours=1),
+        # A second kill of the same accounts joins the running one instead of racing it.
+        already_running=None,
+        search_attributes=attributes,
     )
 
 
+async def _start(client: Client, request: KillSwitchInput, settings: Settings) -> WorkflowHandle:
+    return await start(client, settings, _spec(request, settings))
+
+
 async def _query(handle: WorkflowHandle) -> KillStatus | None:
-    try:
-        return await handle.query(KillSwitchWorkflow.status, rpc_timeout=timedelta(seconds=5))
-    except Exception:  # a query needs a worker; no answer yet is not an error
-        return None
+    status: KillStatus | None = await query_or_none(handle, KillSwitchWorkflow.status)
+    return status
 
 
 async def _watch(handle: WorkflowHandle, as_json: bool) -> KillReport:
     """Wait for the result while showing step progress (a live table on a terminal)."""
-    result = asyncio.ensure_future(handle.result())
     if as_json or not sys.stdout.isatty():
         seen: dict[str, str] = {}
-        while not result.done():
-            status = await _query(handle)
-            for step in status.steps if status else []:
+
+        def lines(status: KillStatus) -> None:
+            for step in status.steps:
                 changed = seen.get(step.step) != step.state
                 if changed and step.state is not StepState.PENDING and not as_json:
                     seen[step.step] = step.state
                     console.print(f"{step.step.value}: {step.state.value} {step.detail}".rstrip())
-            await asyncio.wait([result], timeout=POLL_S)
-        return await result
+
+        report: KillReport = await watch(handle, KillSwitchWorkflow.status, lines, POLL_S)
+        return report
     with Live(console=console, refresh_per_second=8) as live:
-        while not result.done():
-            status = await _query(handle)
-            if status:
-                live.update(steps_table(status.steps, title=f"{handle.id} · round {status.round}"))
-            await asyncio.wait([result], timeout=POLL_S)
-    return await result
+
+        def table(status: KillStatus) -> None:
+            live.update(steps_table(status.steps, title=f"{handle.id} · round {status.round}"))
+
+        report = await watch(handle, KillSwitchWorkflow.status, table, POLL_S)
+    return report
 
 
 def _emit(report: KillReport, as_json: bool) -> ExitCode:
@@ -161,35 +141,27 @@ def kill(
     settings = load_settings()
     request = _validated_input(settings, account, reason, requested_by or getpass.getuser(), scope)
 
-    async def go() -> ExitCode:
-        client = await connect_or_abort(settings)
-        handle = await _start(client, request, settings)
-        if not await live_pollers(client, settings.task_queue):
-            # Started and durable, but nothing will happen until a worker runs: say so loudly.
-            err_console.print(
-                f"warning: no worker is polling task queue {settings.task_queue!r}: the kill is "
-                "queued and runs as soon as a worker starts (breakglass dev up, or deploy one)",
-                markup=False,
-            )
-        if detach:
-            print(handle.id)
-            return ExitCode.OK
-        if not as_json:
-            console.print(f"kill switch {handle.id} · UI {settings.ui_url_for(handle.id)}")
-        try:
-            report = await _watch(handle, as_json)
-        except WorkflowFailureError as e:
-            abort(f"kill {handle.id} failed: {e.cause or e}", ExitCode.WORKFLOW_FAILED)
-        return _emit(report, as_json)
-
-    raise typer.Exit(int(run_async(go())))
+    go = launch(
+        settings,
+        _spec(request, settings),
+        title="kill switch",
+        noun="kill",
+        detach=detach,
+        as_json=as_json,
+        follow=lambda handle: _watch(handle, as_json),
+        emit=lambda report: _emit(report, as_json),
+    )
+    raise typer.Exit(int(run_async(go)))
 
 
 def status(
-    workflow_id: str = typer.Argument(..., help="Workflow id, e.g. kill/alpha-futures."),
+    workflow_id: str = typer.Argument(
+        ..., help="Workflow id, e.g. kill/alpha-futures, rollback/S/E, deploy/S/E."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
-    """Show a kill switch's or a rollback's progress, and its report once finished."""
+    """Show a kill switch's, a rollback's or a deployment's progress, and its report once
+    finished (a deployment as a stage tree)."""
     settings = load_settings()
 
     async def go() -> ExitCode:
@@ -204,6 +176,8 @@ def status(
         state = description.status or WorkflowExecutionStatus.RUNNING
         if description.workflow_type == "Rollback":
             return await rollback_status(client, workflow_id, state, as_json)
+        if description.workflow_type == "Deploy":
+            return await deploy_status(client, workflow_id, state, as_json)
         if state == WorkflowExecutionStatus.COMPLETED:
             return _emit(await handle.result(), as_json)
         status = await _query(handle)

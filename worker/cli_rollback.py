@@ -1,34 +1,33 @@
 """``breakglass rollback`` and ``breakglass approve | reject``: start the rollback saga, watch its
-timeline, and answer its flatten approval (the same update Slack will call)."""
+timeline, and answer an approval: a rollback's flatten or a deployment's promotion (the same
+updates Slack will call)."""
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
-import sys
-import uuid
 from datetime import timedelta
+from typing import Any
 
 import typer
 from pydantic import ValidationError
-from temporalio.client import (
-    Client,
-    WorkflowExecutionStatus,
-    WorkflowFailureError,
-    WorkflowHandle,
-    WorkflowUpdateFailedError,
-)
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
-from activities.accounts import ConfigError
-from activities.rollback_plan import find_runbook
-from worker.cli_common import abort, connect_or_abort, console, load_settings, run_async
+from worker.cli_common import abort, console, load_settings, run_async
+from worker.cli_start import (
+    Start,
+    answer,
+    launch,
+    query_or_none,
+    runbook_and_consent,
+    validated,
+    watch,
+)
+from workflows.deployment import DeployWorkflow
 from workflows.rollback import RollbackWorkflow
 from workflows.rollback_models import (
     ApprovalDecision,
+    ApprovalState,
     RollbackInput,
     RollbackOutcome,
     RollbackReport,
@@ -43,46 +42,59 @@ POLL_S = 0.5
 def _input(
     strategy: str, env: str, to: str | None, snapshot: str | None, reason: str, who: str
 ) -> RollbackInput:
-    try:
-        return RollbackInput(
+    return validated(
+        "rollback",
+        lambda: RollbackInput(
             strategy=strategy,
             env=env,
             target_version=to,
             snapshot_id=snapshot,
             reason=reason,
             requested_by=who,
-        )
-    except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "input"
-        abort(f"invalid rollback request: {field}: {first['msg']}", ExitCode.BAD_INPUT)
+        ),
+    )
 
 
 async def _watch(handle: WorkflowHandle, as_json: bool) -> RollbackReport:
-    result = asyncio.ensure_future(handle.result())
     shown = 0
-    while not result.done():
-        try:
-            status: RollbackStatus = await handle.query(
-                RollbackWorkflow.status, rpc_timeout=timedelta(seconds=5)
+
+    def timeline(status: RollbackStatus) -> None:
+        nonlocal shown
+        if as_json:
+            return
+        for entry in status.timeline[shown:]:
+            console.print(f"{entry.step.value}: {entry.state.value} {entry.detail}".rstrip())
+        shown = len(status.timeline)
+        if status.awaiting_approval:
+            console.print(
+                f"waiting for approval: breakglass approve {handle.id} --as NAME",
+                markup=False,
             )
-        except Exception:  # no worker yet: keep waiting, the saga is durable
-            status = None  # type: ignore[assignment]
-        if status is not None and not as_json:
-            for entry in status.timeline[shown:]:
-                console.print(f"{entry.step.value}: {entry.state.value} {entry.detail}".rstrip())
-            shown = len(status.timeline)
-            if status.awaiting_approval:
-                console.print(
-                    f"waiting for approval: breakglass approve {handle.id} --as NAME",
-                    markup=False,
-                )
-        await asyncio.wait([result], timeout=POLL_S)
-    report: RollbackReport = await result
+
+    report: RollbackReport = await watch(handle, RollbackWorkflow.status, timeline, POLL_S)
     if not as_json:
         for entry in report.timeline[shown:]:
             console.print(f"{entry.step.value}: {entry.state.value} {entry.detail}".rstrip())
     return report
+
+
+def _emit(report: RollbackReport, as_json: bool) -> ExitCode:
+    if as_json:
+        print(report.model_dump_json(indent=2))
+    else:
+        console.print(
+            f"{report.outcome.value}: {report.version_from} -> {report.version_to}, "
+            f"positions {report.flatten or 'untouched'}"
+            + (f"; {report.error}" if report.error else "")
+        )
+        for c in report.reconcile.corrections if report.reconcile else []:
+            console.print(
+                f"  reconciled {c.table} {c.key}: database said {c.database}, "
+                f"venue {c.venue} (venue wins)",
+                markup=False,
+            )
+    ok = report.outcome is RollbackOutcome.ROLLED_BACK
+    return ExitCode.OK if ok else ExitCode.UNVERIFIED
 
 
 def rollback(
@@ -105,109 +117,80 @@ def rollback(
     """
     settings = load_settings()
     request = _input(strategy, env, to, snapshot, reason, requested_by or getpass.getuser())
-    try:
-        find_runbook(settings.runbooks_dir, strategy, env)
-    except ConfigError as e:
-        abort(str(e), ExitCode.BAD_INPUT)
-    if not yes:
-        if not sys.stdin.isatty():
-            abort("refusing to roll back without confirmation: pass --yes", ExitCode.BAD_INPUT)
-        typer.confirm(f"Roll back {strategy}/{env} ({reason})?", abort=True)
+    question = f"Roll back {strategy}/{env} ({reason})?"
+    runbook_and_consent(settings, strategy, env, yes=yes, verb="roll back", question=question)
 
-    async def go() -> ExitCode:
-        client = await connect_or_abort(settings)
-        workflow_id = rollback_workflow_id(strategy, env)
-        try:
-            handle = await client.start_workflow(
-                RollbackWorkflow.run,
-                request,
-                id=workflow_id,
-                task_queue=settings.task_queue,
-                # Two rollbacks of one system must never run at once.
-                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-                execution_timeout=timedelta(hours=6),
-            )
-        except WorkflowAlreadyStartedError:
-            abort(
-                f"a rollback of {strategy}/{env} is already running: "
-                f"breakglass status {workflow_id}",
-                ExitCode.BAD_INPUT,
-            )
-        if detach:
-            print(handle.id)
-            return ExitCode.OK
-        if not as_json:
-            console.print(f"rollback {handle.id} · UI {settings.ui_url_for(handle.id)}")
-        try:
-            report = await _watch(handle, as_json)
-        except WorkflowFailureError as e:
-            abort(f"rollback {handle.id} failed: {e.cause or e}", ExitCode.WORKFLOW_FAILED)
-        if as_json:
-            print(report.model_dump_json(indent=2))
-        else:
-            console.print(
-                f"{report.outcome.value}: {report.version_from} -> {report.version_to}, "
-                f"positions {report.flatten or 'untouched'}"
-                + (f"; {report.error}" if report.error else "")
-            )
-            for c in report.reconcile.corrections if report.reconcile else []:
-                console.print(
-                    f"  reconciled {c.table} {c.key}: database said {c.database}, "
-                    f"venue {c.venue} (venue wins)",
-                    markup=False,
-                )
-        ok = report.outcome is RollbackOutcome.ROLLED_BACK
-        return ExitCode.OK if ok else ExitCode.UNVERIFIED
+    workflow_id = rollback_workflow_id(strategy, env)
+    spec = Start(
+        RollbackWorkflow.run,
+        request,
+        workflow_id=workflow_id,
+        result_type=RollbackReport,
+        execution_timeout=timedelta(hours=6),
+        # Two rollbacks of one system must never run at once.
+        already_running=f"a rollback of {strategy}/{env} is already running: "
+        f"breakglass status {workflow_id}",
+    )
+    go = launch(
+        settings,
+        spec,
+        title="rollback",
+        noun="rollback",
+        detach=detach,
+        as_json=as_json,
+        follow=lambda handle: _watch(handle, as_json),
+        emit=lambda report: _emit(report, as_json),
+        warn_without_worker=False,
+    )
+    raise typer.Exit(int(run_async(go)))
 
-    raise typer.Exit(int(run_async(go())))
+
+APPROVALS: dict[str, Any] = {
+    "rollback/": RollbackWorkflow.approve_flatten,
+    "deploy/": DeployWorkflow.approve_promotion,
+}
+"""Which update answers an approval, by the workflow id's business-key prefix."""
 
 
 def _decide(workflow_id: str, approver: str, approve: bool, note: str) -> None:
     settings = load_settings()
+    update = next((u for p, u in APPROVALS.items() if workflow_id.startswith(p)), None)
+    if update is None:
+        abort(
+            f"nothing to approve in {workflow_id!r}: approvals answer rollback/<strategy>/<env> "
+            "and deploy/<strategy>/<env>",
+            ExitCode.BAD_INPUT,
+        )
     try:
         decision = ApprovalDecision(approver=approver, approve=approve, note=note)
     except ValidationError as e:
         abort(f"invalid decision: {e.errors()[0]['msg']}", ExitCode.BAD_INPUT)
 
-    async def go() -> ExitCode:
-        client = await connect_or_abort(settings)
-        handle = client.get_workflow_handle(workflow_id)
-        try:
-            state = await handle.execute_update(
-                RollbackWorkflow.approve_flatten,
-                decision,
-                id=f"cli-{uuid.uuid4()}",
-                rpc_timeout=timedelta(seconds=15),
-            )
-        except WorkflowUpdateFailedError as e:
-            abort(f"refused: {getattr(e.cause, 'message', e.cause)}", ExitCode.BAD_INPUT)
-        except RPCError as e:
-            if e.status == RPCStatusCode.NOT_FOUND:
-                abort(f"no running workflow {workflow_id!r}", ExitCode.NOT_FOUND)
-            abort(f"cannot reach {workflow_id}: {e.message}", ExitCode.UNREACHABLE)
-        verb = "approved" if approve else "rejected"
-        console.print(f"{verb} by {approver}; approvals so far: {', '.join(state.approvals)}")
-        return ExitCode.OK
+    verb = "approved" if approve else "rejected"
 
-    raise typer.Exit(int(run_async(go())))
+    def said(state: ApprovalState) -> str:
+        return f"{verb} by {approver}; approvals so far: {', '.join(state.approvals)}"
+
+    answer(settings, workflow_id, update, decision, said)
 
 
 def approve(
-    workflow_id: str = typer.Argument(..., help="e.g. rollback/momentum/prod"),
+    workflow_id: str = typer.Argument(..., help="e.g. rollback/momentum/prod, deploy/sample/prod"),
     approver: str = typer.Option(..., "--as", help="Your name, as listed in the runbook."),
     note: str = typer.Option("", "--note", help="Recorded with the decision."),
 ) -> None:
-    """Approve a rollback's flatten step (the requester cannot approve their own)."""
+    """Approve a rollback's flatten step or a deployment's promotion (the requester cannot
+    approve their own)."""
     _decide(workflow_id, approver, True, note)
 
 
 def reject(
-    workflow_id: str = typer.Argument(..., help="e.g. rollback/momentum/prod"),
+    workflow_id: str = typer.Argument(..., help="e.g. rollback/momentum/prod, deploy/sample/prod"),
     approver: str = typer.Option(..., "--as", help="Your name, as listed in the runbook."),
     note: str = typer.Option("", "--note", help="Recorded with the decision."),
 ) -> None:
-    """Reject a rollback's flatten step: positions are held, the rollback goes on."""
+    """Reject a rollback's flatten step (positions are held, the rollback goes on) or a
+    deployment's promotion (it is not promoted: the previous version comes back)."""
     _decide(workflow_id, approver, False, note)
 
 
@@ -226,14 +209,10 @@ async def rollback_status(
                 f"{report.version_to}, positions {report.flatten or 'untouched'})"
             )
         return ExitCode.OK if report.outcome is RollbackOutcome.ROLLED_BACK else ExitCode.UNVERIFIED
-    try:
-        status: RollbackStatus | None = await handle.query(
-            RollbackWorkflow.status, rpc_timeout=timedelta(seconds=5)
-        )
-    except Exception:  # no worker answering: the state alone is still worth showing
-        status = None
+    # No worker answering: the state alone is still worth showing.
+    status: RollbackStatus | None = await query_or_none(handle, RollbackWorkflow.status)
     if as_json:
-        body = {"workflow_id": workflow_id, "status": state.name}
+        body: dict[str, Any] = {"workflow_id": workflow_id, "status": state.name}
         if status is not None:
             body["progress"] = status.model_dump(mode="json")
         print(json.dumps(body, indent=2))

@@ -1,11 +1,21 @@
-"""Rich renderings of kill-switch progress and reports for the terminal (data in, tables out)."""
+"""Rich renderings for the terminal (data in, tables out): kill-switch progress and reports, and a
+deployment's stage tree drawn like ``kubectl argo rollouts get rollout``."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from workflows.deployment_models import (
+    DeployOutcome,
+    DeployReport,
+    DeployStatus,
+    Stage,
+    StageNode,
+)
 from workflows.shared import KillOutcome, KillReport, Position, StepState, StepStatus
 
 _STATE_STYLE = {
@@ -71,3 +81,173 @@ def report_view(report: KillReport) -> Group:
         )
     errors = [Text(f"{a.account}: {e}", style="red") for a in report.accounts for e in a.errors]
     return Group(headline, facts, accounts, *errors, steps_table(report.steps))
+
+
+# --------------------------------------------------------------------------- deployments
+
+DEPLOY_SYMBOL = {
+    "done": ("✔", "green"),
+    "running": ("◌", "yellow"),
+    "failed": ("✖", "bold red"),
+    "paused": ("॥", "bold yellow"),
+    "awaiting": ("॥", "bold yellow"),
+    "pending": ("·", "dim"),
+    "skipped": ("⊘", "dim"),
+}
+"""Stage symbols, as ``kubectl argo rollouts get rollout`` draws them."""
+
+_OUTCOME_STYLE = {
+    DeployOutcome.PROMOTED: ("✔", "bold green"),
+    DeployOutcome.REJECTED: ("✖", "bold red"),
+    DeployOutcome.ROLLED_BACK: ("✖", "bold red"),
+    DeployOutcome.ROLLBACK_FAILED: ("✖", "bold red"),
+}
+
+
+def _mark(state: str) -> Text:
+    symbol, style = DEPLOY_SYMBOL[state]
+    return Text(f"{symbol} {state}", style=style)
+
+
+def _took(node: StageNode, now: datetime) -> str:
+    if node.started_at is None:
+        return ""
+    seconds = ((node.finished_at or now) - node.started_at).total_seconds()
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def _shown_state(node: StageNode, waiting: str | None, child: bool) -> str:
+    """A running node that waits for a human shows as paused/awaiting instead."""
+    paused = not child or node.detail.startswith("paused")
+    if node.state is StepState.RUNNING and waiting is not None and paused:
+        return waiting
+    return node.state.value
+
+
+def deploy_tree(
+    workflow_id: str,
+    headline: Text,
+    tree: list[StageNode],
+    *,
+    paused: bool = False,
+    awaiting_approval: bool = False,
+    now: datetime | None = None,
+) -> Table:
+    """The stage tree: one row per stage, canary steps and staging checks as children.
+
+    While the deployment is paused, its running stage (and the step that paused) show as
+    paused; the status's ``stage`` is not used for that: it names the last stage that started,
+    which a stage run inside another (the handover in the first canary step) overwrites."""
+    now = now or datetime.now(UTC)
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for column in ("NAME", "STATUS", "TIME", "INFO"):
+        table.add_column(column, no_wrap=column != "INFO")
+    table.add_row(f"⟳ {workflow_id}", headline, "", "")
+    for i, node in enumerate(tree):
+        last = i == len(tree) - 1
+        waiting = None
+        if node.name == Stage.APPROVAL.value and awaiting_approval:
+            waiting = "awaiting"
+        elif paused:
+            waiting = "paused"
+        state = _shown_state(node, waiting, child=False)
+        dim = "dim" if state in ("pending", "skipped") else ""
+        table.add_row(
+            Text(f"{'└──' if last else '├──'} {node.name}", style=dim),
+            _mark(state),
+            _took(node, now),
+            Text(node.detail, style=dim),
+        )
+        for j, leaf in enumerate(node.children):
+            guide = ("   " if last else "│  ") + ("└──" if j == len(node.children) - 1 else "├──")
+            table.add_row(
+                f"{guide} {leaf.name}",
+                _mark(_shown_state(leaf, waiting, child=True)),
+                _took(leaf, now),
+                leaf.detail,
+            )
+    return table
+
+
+def _fields(rows: list[tuple[str, str | Text]]) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    for key, value in rows:
+        grid.add_row(f"{key}:", value)
+    return grid
+
+
+def deploy_hint(status: DeployStatus) -> str | None:
+    """What the deployment waits for, and the command that answers it."""
+    if status.paused:
+        return f"paused: {status.paused} — breakglass promote|abort {status.workflow_id} --as NAME"
+    if status.awaiting_approval:
+        return f"awaiting approval: breakglass approve {status.workflow_id} --as NAME"
+    rollback = next((n for n in status.tree if n.name == Stage.ROLLBACK.value), None)
+    if rollback is not None and rollback.state is StepState.RUNNING:
+        # The saga may wait for its own flatten approval: it is answered there, not here.
+        return f"rolling back: breakglass status {rollback.detail}"
+    return None
+
+
+def deploy_status_view(status: DeployStatus, now: datetime | None = None) -> Group:
+    """A running deployment: where it is, what it waits for, and how to answer."""
+    if status.report is not None:
+        return deploy_report_view(status.report, now)
+    waiting = "paused" if status.paused else "awaiting" if status.awaiting_approval else None
+    state = waiting or "running"
+    running = [n.name for n in status.tree if n.state is StepState.RUNNING]
+    rows: list[tuple[str, str | Text]] = [
+        ("Name", status.workflow_id),
+        ("Status", _mark(state)),
+        ("Stage", ", ".join(running) or (status.stage.value if status.stage else "starting")),
+    ]
+    if status.paused:
+        rows.append(("Message", status.paused))
+    if status.last_verdict is not None:
+        rows.append(("Last verdict", status.last_verdict.value))
+    rows.append(("Approvals", ", ".join(status.approvals) or "none yet"))
+    hint = deploy_hint(status)
+    hints = [Text(hint, style="yellow")] if hint else []
+    tree = deploy_tree(
+        status.workflow_id,
+        _mark(state),
+        status.tree,
+        paused=status.paused is not None,
+        awaiting_approval=status.awaiting_approval,
+        now=now,
+    )
+    return Group(_fields(rows), Text(""), tree, *hints)
+
+
+def deploy_report_view(report: DeployReport, now: datetime | None = None) -> Group:
+    """A finished deployment: outcome, versions, what failed, who approved, the rollback."""
+    symbol, style = _OUTCOME_STYLE[report.outcome]
+    outcome = Text(f"{symbol} {report.outcome.value}", style=style)
+    rows: list[tuple[str, str | Text]] = [
+        ("Name", report.workflow_id),
+        ("Status", outcome),
+        ("Versions", f"{report.version_from or 'none'} -> {report.version_to}"),
+        ("Requested", f"{report.requested_by}: {report.reason}"),
+    ]
+    if report.failed_stage is not None or report.error:
+        stage = report.failed_stage.value if report.failed_stage else "?"
+        rows.append(("Failed", Text(f"{stage}: {report.error}", style="red")))
+    rows.append(("Approvals", ", ".join(report.approvals) or "none"))
+    if report.snapshot_id:
+        rows.append(("Snapshot", report.snapshot_id))
+    if report.rollback_workflow_id:
+        rows.append(
+            (
+                "Rollback",
+                f"{report.rollback_workflow_id} (breakglass status {report.rollback_workflow_id})",
+            )
+        )
+    tree = deploy_tree(report.workflow_id, outcome, report.tree, now=now)
+    return Group(_fields(rows), Text(""), tree)
