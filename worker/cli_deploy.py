@@ -54,7 +54,7 @@ human (4), like a failed workflow."""
 def _lines() -> Callable[[DeployStatus], None]:
     """Progress without a terminal: one line per stage or step change, each hint once."""
     seen: dict[str, tuple[str, str]] = {}
-    last_hint: list[str | None] = [None]
+    last_hint: str | None = None
 
     def line(name: str, node: StageNode) -> None:
         now = (node.state.value, node.detail)
@@ -63,14 +63,15 @@ def _lines() -> Callable[[DeployStatus], None]:
             console.print(f"{name}: {node.state.value} {node.detail}".rstrip(), markup=False)
 
     def show(status: DeployStatus) -> None:
+        nonlocal last_hint
         for node in status.tree:
             line(node.name, node)
             for leaf in node.children:
                 line(f"{node.name} [{leaf.name}]", leaf)
         hint = deploy_hint(status)
-        if hint is not None and hint != last_hint[0]:
+        if hint is not None and hint != last_hint:
             console.print(hint, markup=False)
-        last_hint[0] = hint
+        last_hint = hint
 
     return show
 

@@ -38,7 +38,6 @@ from workflows.shared import ExitCode
 
 M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R")
-S = TypeVar("S")
 
 QUERY_TIMEOUT = timedelta(seconds=5)
 UPDATE_TIMEOUT = timedelta(seconds=15)
