@@ -111,8 +111,9 @@ def deploy(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON, nothing else."),
     detach: bool = typer.Option(False, "--detach", help="Start and print the workflow id only."),
 ) -> None:
-    """Deploy a release: staging checks, snapshot, shadow, capital canary judged per step,
-    promotion approval, fenced handover, monitoring, then the old version is retired.
+    """Deploy a release: staging checks, snapshot, shadow, then a capital canary judged per
+    step (the trading lease moves to it, fenced), promotion approval, monitoring; the old
+    version stays warm, then is retired.
 
     Exit 0 when promoted; 1 when rejected before production or rolled back after the first
     switch; 2 bad input (nothing started, also when a deployment of the same system is already
