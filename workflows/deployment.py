@@ -352,6 +352,7 @@ class DeployWorkflow:
         )
 
     async def _pause(self, plan: DeployPlan, why: str) -> PauseDecision:
+        self._stage = Stage.CANARY  # a handover inside the step may have been the last to start
         self._paused = why
         self._pause_decision = None
         self._tell(f"PAUSED — {why}. `breakglass promote|abort {workflow.info().workflow_id}`")
@@ -436,7 +437,7 @@ class DeployWorkflow:
                 ),
                 ActivationRecord,
             ),
-            lambda r: f"{r.version} is current; {r.previous} stays warm",
+            lambda r: f"{r.version} is current; {r.previous or plan.version_from} stays warm",
         )
 
     async def _allocate(self, plan: DeployPlan, capital: float, why: str) -> None:

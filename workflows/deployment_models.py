@@ -28,7 +28,8 @@ def deploy_workflow_id(strategy: str, env: str) -> str:
 class DeployInput(Model):
     strategy: str = Field(pattern=NAME_PATTERN)
     env: str = Field(pattern=NAME_PATTERN)
-    version: str = Field(min_length=1, max_length=64)
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+    """A release name: what the deploy target's release folder is called."""
     reason: str = Field(min_length=3, max_length=500)
     requested_by: str = Field(min_length=1, max_length=100)
 
