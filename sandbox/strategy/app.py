@@ -35,6 +35,7 @@ from sandbox.strategy.state import (
     TradingState,
     fold_cash,
     get_trading_state,
+    is_db_error,
     missing_table,
     utcnow,
 )
@@ -150,6 +151,7 @@ class Strategy:
         self._open: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stopped = asyncio.Event()
         self._acting = False
         """True while orders are being sent and recorded: a stop waits for that to finish."""
         self._quiet_until = 0.0
@@ -163,6 +165,7 @@ class Strategy:
         if self._stopping:
             return
         self._stopping = True
+        self._stopped.set()
         log.info("stopping (%s)%s", why, ": finishing the orders in flight" if self._acting else "")
         if not self._acting and self._task is not None:
             self._task.cancel()
@@ -212,8 +215,7 @@ class Strategy:
                 if not self._stopping:
                     await asyncio.sleep(max(0.0, cfg.loop_interval_s - (time.monotonic() - t0)))
         finally:
-            # Shielded: a second signal must not cut the cleanup short.
-            await asyncio.shield(self._close(session, runner))
+            await self._close(session, runner)
 
     async def _close(
         self, session: aiohttp.ClientSession | None, runner: web.AppRunner | None
@@ -290,6 +292,14 @@ class Strategy:
             self._positions_at = None  # whatever happened, read the venue's positions again
             log.warning("venue error: %s: %s", type(e).__name__, e)
             self._back_off(e)
+        except Exception as e:
+            if not is_db_error(e):
+                raise
+            # The next loop reads the venue and the database again; nothing is lost meanwhile.
+            self.db_ok = False
+            self._positions_at = None
+            m.errors.labels("db").inc()
+            log.warning("database error: %s: %s", type(e).__name__, e)
 
     async def _read_prices(self) -> None:
         """Every symbol's mark price from the venue's public ``premiumIndex`` (weight 1)."""
@@ -394,10 +404,12 @@ class Strategy:
                 self.metrics.fills.labels(row[1]).inc()
                 if status == "FILLED":
                     self.filled_orders += 1
+            # The order id too: an order sent whose acknowledgement was never recorded (the
+            # process died in between) is PENDING without one until the venue shows it.
             cur.execute(
-                "UPDATE orders SET filled = ?, status = ?, updated_at = ? "
-                "WHERE client_order_id = ?",
-                (str(filled), status, now, cid),
+                "UPDATE orders SET filled = ?, status = ?, order_id = COALESCE(order_id, ?), "
+                "updated_at = ? WHERE client_order_id = ?",
+                (str(filled), status, str(o["id"]) if o.get("id") else None, now, cid),
             )
         return fills
 
@@ -534,7 +546,10 @@ class Strategy:
                     continue  # the cap: never quote what could grow the position beyond it
                 decisions.append((sym, side, qty, px, False))
         await self._cancel(stale)
-        await asyncio.gather(*(self._place(*d) for d in decisions))
+        # Every order runs to its end (sent and recorded) before an error of another surfaces.
+        _raise_first(
+            await asyncio.gather(*(self._place(*d) for d in decisions), return_exceptions=True)
+        )
 
     async def _cancel(self, orders: list[dict[str, Any]]) -> None:
         async def one(o: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
@@ -543,17 +558,23 @@ class Strategy:
             except ccxt.OrderNotFound:  # already gone: filled or cancelled; looked up next loop
                 return o["clientOrderId"], None
 
-        answers = await asyncio.gather(*(one(o) for o in orders))
-        cancelled = {cid: order for cid, order in answers if order is not None}
+        answers = await asyncio.gather(*(one(o) for o in orders), return_exceptions=True)
+        cancelled: dict[str, dict[str, Any] | None] = {}
+        for answer in answers:
+            if not isinstance(answer, BaseException) and answer[1] is not None:
+                cancelled[answer[0]] = answer[1]
         if cancelled:
             self.positions = await self._db(self._store_cancelled, cancelled)
+        _raise_first(answers)
 
     async def _place(
         self, sym: str, side: str, qty: Decimal, price: Decimal, reduce_only: bool
     ) -> None:
         decided = time.monotonic()
         if self.release.fault == Fault.LATENCY:
-            await asyncio.sleep(self.config.latency_fault_s)  # the slow "model"
+            # The slow "model"; a stop cuts it short (nothing is sent after it).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), self.config.latency_fault_s)
         if self._stopping:
             return  # decided but not sent: nothing to record
         cid = f"{self.config.client_id_prefix}-{self.run_id}-{sym}-{side[0].upper()}-{self.loop_no}"
@@ -659,6 +680,12 @@ class Strategy:
             os.replace(tmp, self.config.port_file)
         log.info("serving /healthz and /metrics on %s:%s", self.config.http_host, port)
         return runner
+
+
+def _raise_first(results: list[Any]) -> None:
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
 
 
 def _moved(book: Book, fills: list[tuple[str, str, Decimal]]) -> Book:

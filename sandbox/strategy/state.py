@@ -170,6 +170,11 @@ class _Cursor:
         return self._postgres
 
 
+def is_db_error(e: BaseException) -> bool:
+    """An error of the database driver (SQLite or psycopg), not of the caller."""
+    return isinstance(e, sqlite3.Error) or type(e).__module__.startswith("psycopg")
+
+
 def missing_table(e: BaseException) -> bool:
     """A statement failed on a table that does not exist (a database from before it)."""
     if isinstance(e, sqlite3.OperationalError):

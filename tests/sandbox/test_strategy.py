@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import random
 import secrets
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -22,16 +26,27 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sandbox.admin_client import SandboxAdmin
-from sandbox.admin_models import AccountState, PositionSet
+from sandbox.admin_models import AccountState, Limits, PositionSet
 from sandbox.strategy.config import Fault, StrategyConfig
 from sandbox.strategy.releases import ReleaseConflict, build_release
 from sandbox.strategy.state import (
+    Database,
     TradingState,
+    fold_cash,
     get_trading_state,
+    missing_table,
     set_trading_state,
     state_history,
 )
-from tests.fixtures.sandbox import REPO, NewAccount, SandboxHandle, TestAccount
+from sandbox.weights import weight_of
+from tests.fixtures.sandbox import (
+    REPO,
+    NewAccount,
+    SandboxHandle,
+    TestAccount,
+    start_sandbox,
+    stop_sandbox,
+)
 from tests.helpers import assert_eventually
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -109,9 +124,10 @@ def total(samples: dict[str, float], name: str) -> float:
     return sum(v for k, v in samples.items() if k.startswith(name + "{"))
 
 
-@pytest.fixture
-def launch(sandbox: SandboxHandle, new_account: NewAccount, tmp_path: Path) -> Iterator[Launch]:
-    """``await launch(fault=..., **config)``: build a release and run it until the test ends."""
+@contextlib.contextmanager
+def launcher(sandbox: SandboxHandle, new_account: NewAccount, tmp_path: Path) -> Iterator[Launch]:
+    """``await launch(fault=..., **config)``: build a release and run it on ``sandbox``; every
+    process started is stopped on the way out."""
     procs: list[subprocess.Popen[bytes]] = []
 
     async def start(
@@ -147,9 +163,18 @@ def launch(sandbox: SandboxHandle, new_account: NewAccount, tmp_path: Path) -> I
             await assert_eventually(healthy, timeout=15)
         return run
 
-    yield start
-    for proc in procs:
-        stop_process(proc)
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            stop_process(proc)
+
+
+@pytest.fixture
+def launch(sandbox: SandboxHandle, new_account: NewAccount, tmp_path: Path) -> Iterator[Launch]:
+    """``await launch(fault=..., **config)``: build a release and run it until the test ends."""
+    with launcher(sandbox, new_account, tmp_path) as start:
+        yield start
 
 
 def ours(state: AccountState, run: Running) -> list[Any]:
@@ -368,3 +393,300 @@ def test_releases_are_immutable_and_idempotent(tmp_path: Path) -> None:
     assert "--release" in (first / "run.sh").read_text()
     with pytest.raises(ValueError):
         build_release(tmp_path, "sample", "current", Fault.NONE)
+
+
+# ---------------------------------------------------------------------- P&L, stopping, weight
+
+
+def seed_fills(db: Path, n: int) -> None:
+    """``n`` old fills in the strategy's schema, written server-side (a million in about 1 s)."""
+    Database(db).init_schema()
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(
+            "INSERT INTO fills (client_order_id, symbol, side, qty, price, at) "
+            "WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < ?) "
+            "SELECT 'old-' || (i / 10), 'ETHUSDT', CASE i % 3 WHEN 0 THEN 'buy' ELSE 'sell' END, "
+            "'0.0' || (i % 97 + 3), '2400.' || (i % 89 + 10), '2026-01-01T00:00:00+00:00' FROM k",
+            (n,),
+        )
+
+
+def cash_and_fills(db: str) -> tuple[Decimal | None, Decimal, int]:
+    """``pnl_cash.cash``, the same sum over every fill, and the fill count: one transaction."""
+    with Database(db).transaction() as cur:
+        row = cur.execute("SELECT cash FROM pnl_cash WHERE id = 1").fetchone()
+        total = Decimal(0)
+        fills = cur.execute("SELECT side, qty, price FROM fills").fetchall()
+        for side, qty, price in fills:
+            total += Decimal(qty) * Decimal(price) * (-1 if side == "buy" else 1)
+    return (Decimal(row[0]) if row else None), total, len(fills)
+
+
+def copy_database(source: Path, target: Path) -> None:
+    """A consistent whole-database copy, as the snapshot activity takes and restores them."""
+    with (
+        contextlib.closing(sqlite3.connect(source)) as src,
+        contextlib.closing(sqlite3.connect(target)) as dst,
+    ):
+        src.backup(dst)
+
+
+async def test_pnl_cash_is_the_sum_over_fills_across_restarts_and_restores(
+    launch: Launch, tmp_path: Path
+) -> None:
+    db = tmp_path / "pnl.sqlite"
+
+    async def fills_beyond(n: int) -> None:
+        assert cash_and_fills(str(db))[2] > n
+
+    async def consistent(run: Running) -> None:
+        await assert_eventually(lambda: _loops_at_least(run, 2), timeout=10)
+        cash, total, _ = cash_and_fills(str(db))
+        assert cash == total
+
+    first = await launch(db=str(db), loop_interval_s=0.3)
+    await assert_eventually(lambda: fills_beyond(3), timeout=30)
+    snapshot = tmp_path / "snapshot.sqlite"
+    copy_database(db, snapshot)
+    stop_process(first.proc)
+    cash, total, count = cash_and_fills(str(db))
+    assert cash == total and count > 3
+
+    # A restart carries on from the database's own row.
+    again = await launch(db=str(db), loop_interval_s=0.3, account=first.account)
+    await assert_eventually(lambda: fills_beyond(count), timeout=30)
+    await consistent(again)
+
+    # The snapshot restored under the running process: its cash comes back with its fills.
+    copy_database(snapshot, db)
+    await consistent(again)
+    # A snapshot from before pnl_cash existed: the cash is summed once from every fill.
+    legacy = tmp_path / "legacy.sqlite"
+    copy_database(snapshot, legacy)
+    with contextlib.closing(sqlite3.connect(legacy)) as conn:
+        conn.execute("DROP TABLE pnl_cash")
+    copy_database(legacy, db)
+    await consistent(again)
+    stop_process(again.proc)
+    cash, total, _ = cash_and_fills(str(db))
+    assert cash == total
+    assert "lacks a table" in again.log()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_fold_cash_is_exact_incremental_and_recovers(backend: str, tmp_path: Path) -> None:
+    with _database(backend, tmp_path) as ref:
+        db = Database(ref)
+        db.init_schema()
+        rng = random.Random(7)
+
+        def add(n: int) -> None:
+            with db.transaction() as cur:
+                for _ in range(n):
+                    side = rng.choice(["buy", "sell"])
+                    qty = f"0.{rng.randrange(1, 10**6):06d}"
+                    price = f"{rng.randrange(1, 70000)}.{rng.randrange(100):02d}"
+                    cur.execute(
+                        "INSERT INTO fills (client_order_id, symbol, side, qty, price, at) "
+                        "VALUES ('c', 'BTCUSDT', ?, ?, ?, 'now')",
+                        (side, qty, price),
+                    )
+
+        def fold() -> tuple[Decimal, Decimal, int]:
+            with db.transaction() as cur:
+                cash = fold_cash(cur)
+                row = cur.execute("SELECT fills_through FROM pnl_cash").fetchone()
+                top = cur.execute("SELECT MAX(id) FROM fills").fetchone()
+                assert row is not None and top is not None and int(row[0]) == int(top[0] or 0)
+                truth = Decimal(0)
+                for side, qty, price in cur.execute(
+                    "SELECT side, qty, price FROM fills"
+                ).fetchall():
+                    truth += Decimal(qty) * Decimal(price) * (-1 if side == "buy" else 1)
+            return cash, truth, int(row[0])
+
+        assert fold()[:2] == (Decimal(0), Decimal(0))
+        add(300)
+        cash, truth, through = fold()
+        assert cash == truth != 0
+        add(3)
+        cash, truth, later = fold()
+        assert cash == truth and later == through + 3
+        # Fills rewound below the row (restored without it): summed again from scratch.
+        with db.transaction() as cur:
+            cur.execute("DELETE FROM fills WHERE id > ?", (through - 50,))
+        cash, truth, _ = fold()
+        assert cash == truth
+        with db.transaction() as cur:
+            cur.execute("DELETE FROM pnl_cash")
+        assert fold()[0] == truth
+        # A database from before the table: the strategy creates it and folds every fill.
+        with db.transaction() as cur:
+            cur.execute("DROP TABLE pnl_cash")
+        with pytest.raises(Exception) as missing:
+            fold()
+        assert missing_table(missing.value)
+        db.init_schema()
+        assert fold()[0] == truth
+
+
+@contextlib.contextmanager
+def _database(backend: str, tmp_path: Path) -> Iterator[str]:
+    if backend == "sqlite":
+        yield str(tmp_path / "fold.sqlite")
+        return
+    name = f"bg_strategy_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+STOP_BOUND_S = 1.2
+"""SIGTERM to exit; the loop interval is 0.5 s, and folding a million fills takes seconds."""
+
+
+async def _sigterm(run: Running) -> float:
+    t0 = time.monotonic()
+    run.proc.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(run.proc.wait, 10)
+    assert code == 0, run.log()
+    return time.monotonic() - t0
+
+
+async def test_sigterm_exits_within_a_loop_even_mid_read_and_records_what_it_sent(
+    launch: Launch, sandbox_admin: SandboxAdmin, tmp_path: Path
+) -> None:
+    db = tmp_path / "million.sqlite"
+    seed_fills(db, 1_000_000)
+    # The first loop on this database sums a million fills into pnl_cash: seconds of reading.
+    cold = await launch(db=str(db), wait_healthy=False)
+    assert cold.config.port_file is not None
+    await assert_eventually(cold.config.port_file.exists, timeout=15)
+    await asyncio.sleep(0.5)
+    assert total(await metrics(cold), "strategy_loops_total") == 0  # still in the first loop
+    took = await _sigterm(cold)
+    assert took < STOP_BOUND_S, took
+    assert "stopped" in cold.log()
+    assert cash_and_fills(str(db))[0] is None  # the abandoned fold committed nothing
+
+    warm = await launch(db=str(db), account=cold.account, loop_interval_s=0.5)
+    for offset in (0.0, 0.17, 0.31):  # somewhere in the loop or its pause
+        await assert_eventually(lambda: _loops_at_least(warm, 2), timeout=10)  # noqa: B023
+        await asyncio.sleep(offset)
+        took = await _sigterm(warm)
+        assert took < STOP_BOUND_S, (offset, took)
+        cash, truth, _ = cash_and_fills(str(db))
+        assert cash == truth
+        warm = await launch(db=str(db), account=cold.account, loop_interval_s=0.5)
+
+    # The slow release decides for 1.2 s before each order: a stop then sends nothing more.
+    slow = await launch(Fault.LATENCY, db=str(db), account=cold.account, loop_interval_s=0.5)
+    stop_process(warm.proc)
+    await asyncio.sleep(0.8)
+    took = await _sigterm(slow)
+    assert took < STOP_BOUND_S, took
+    # Nothing half-recorded: every order the venue has from these runs is in the database with
+    # the venue's id.
+    state = await sandbox_admin.state(cold.account.api_key)
+    with sqlite3.connect(db) as conn:
+        rows = dict(conn.execute("SELECT client_order_id, order_id FROM orders").fetchall())
+    assert state.orders
+    for o in state.orders:
+        assert rows.get(o.client_order_id) == str(o.order_id), o.client_order_id
+
+
+# ---------------------------------------------------------------------- on a venue of its own
+
+
+@dataclass
+class OwnVenue:
+    """A sandbox only these tests use: its request counts and weight are the strategy's."""
+
+    handle: SandboxHandle
+    admin: SandboxAdmin
+    launch: Launch
+
+
+@pytest.fixture(scope="module")
+def own_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxHandle]:
+    proc, handle = start_sandbox(tmp_path_factory.mktemp("own-sandbox"))
+    try:
+        yield handle
+    finally:
+        stop_sandbox(proc)
+
+
+@pytest.fixture
+async def own_venue(own_sandbox: SandboxHandle, tmp_path: Path) -> AsyncIterator[OwnVenue]:
+    async with SandboxAdmin(own_sandbox.admin_url, own_sandbox.admin_token) as admin:
+
+        async def account(**kwargs: object) -> TestAccount:
+            key, secret = secrets.token_hex(16), secrets.token_hex(32)
+            state = await admin.create_account(key, secret, **kwargs)  # type: ignore[arg-type]
+            return TestAccount(api_key=key, secret=secret, state=state)
+
+        with launcher(own_sandbox, account, tmp_path) as start:
+            yield OwnVenue(own_sandbox, admin, start)
+        await admin.set_limits(Limits(fapi_weight_limit=2400, ban_after=5, ban_s=120))
+        await admin.reset_stats()
+
+
+async def test_weight_per_loop_is_small_and_no_admin_token_is_needed(own_venue: OwnVenue) -> None:
+    """At 0.5 s loops on two symbols: one premiumIndex per loop for every price, one openOrders
+    per symbol, positionRisk every 5 s, order lookups only for orders it did not cancel."""
+    run = await own_venue.launch(loop_interval_s=0.5)
+    env = strategy_env(own_venue.handle, run.account)
+    config_text = (run.workdir / "config.json").read_text()
+    assert own_venue.handle.admin_token not in {*env.values(), config_text}
+    assert "feed" not in json.loads(config_text)
+
+    if time.time() % 60 > 45:  # count inside one of the venue's minute windows
+        await asyncio.sleep(60.5 - time.time() % 60)
+    minute = int(time.time() // 60)
+    await own_venue.admin.reset_stats()
+    loops_before = total(await metrics(run), "strategy_loops_total")
+    await asyncio.sleep(10)
+    stats = await own_venue.admin.stats()
+    loops = total(await metrics(run), "strategy_loops_total") - loops_before
+    same_window = int(time.time() // 60) == minute
+
+    calls = stats.requests_by_endpoint
+    assert calls.get("GET /fapi/v1/premiumIndex", 0) <= loops + 1
+    assert calls.get("GET /fapi/v1/openOrders", 0) <= 2 * (loops + 1)
+    assert calls.get("GET /fapi/v3/positionRisk", 0) <= 10 / run.config.positions_refresh_s + 1
+    assert calls.get("GET /fapi/v1/order", 0) <= calls.get("POST /fapi/v1/order", 0) + 2
+    weight = 0
+    for endpoint, count in calls.items():
+        method, path = endpoint.split(" ", 1)
+        weight += count * weight_of(method, path, has_symbol=True)[1]
+    if same_window:  # every symbol-dependent request carried its symbol
+        assert stats.used_weight["127.0.0.1 fapi"] == weight, (stats.used_weight, calls)
+    assert loops >= 15
+    assert weight / loops <= 8, (weight, loops, calls)  # it was 10 per loop (1,200 a minute)
+    _, body = await get_json(run.base_url + "/healthz")
+    assert body["feed_fresh"] and body["healthy"]
+
+
+async def test_rate_limited_it_waits_instead_of_getting_the_ip_banned(
+    own_venue: OwnVenue,
+) -> None:
+    """The weight budget is the IP's, shared with the kill switch: after a 429 the strategy sends
+    nothing until the window turns, so the venue never bans the IP (418)."""
+    await own_venue.admin.set_limits(Limits(fapi_weight_limit=40, ban_after=5, ban_s=120))
+    await own_venue.admin.reset_stats()
+    run = await own_venue.launch(loop_interval_s=0.2)
+
+    async def limited() -> None:
+        assert (await own_venue.admin.stats()).count_429 >= 1
+
+    await assert_eventually(limited, timeout=20)
+    await asyncio.sleep(3)
+    stats = await own_venue.admin.stats()
+    assert stats.count_418 == 0, stats
+    assert stats.count_429 <= 5, stats
+    assert "rate-limited by the venue" in run.log()
+    assert run.proc.poll() is None
