@@ -321,8 +321,9 @@ class Strategy:
         if not isinstance(e, ccxt.DDoSProtection):
             return
         headers = getattr(self.exchange, "last_response_headers", None) or {}
+        retry = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
         try:
-            wait = float(headers.get("Retry-After") or "")
+            wait = float(retry or "")
         except (TypeError, ValueError):
             wait = 60 - time.time() % 60
         wait = min(max(wait, 1.0), MAX_BACK_OFF_S)
