@@ -128,8 +128,9 @@ CLIENT_PREFIX = "sgr1"
 ROWS = 1_000_000
 TARGET = 1.3
 FLOOR_POLL_S = 0.1
-"""How often the process-start floor asks /healthz (the saga asks once a second). Not faster:
-every answer opens a database connection in the strategy, which is busy starting up."""
+"""How often the process-start floor asks /healthz, and the saga too (the runbook's
+``health.interval_s``: both sides poll alike). Not faster: every answer opens a database
+connection in the strategy, which is busy starting up."""
 SETUP_TIMEOUT_S = 120.0
 BUDGET_FACTOR = 2
 """Weight limits and budgets, both sides: the rollback spends more than one Binance minute."""
@@ -302,7 +303,7 @@ def write_runbook(
         },
         "database": {"kind": "postgres", "dsn": dsn},
         "flatten": {"mode": "auto"},
-        "health": {"path": "/healthz", "timeout_s": 120},
+        "health": {"path": "/healthz", "timeout_s": 120, "interval_s": FLOOR_POLL_S},
     }
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{STRATEGY}-{env}.yaml"
@@ -555,7 +556,17 @@ def step_spans(run: RollbackRun) -> list[StepSpan]:
 
 
 def took(spans: list[StepSpan], *steps: RollbackStep) -> float:
-    return sum(s.end - s.start for s in spans if s.step in steps)
+    """Wall time during which at least one of ``steps`` ran (the saga runs some at once: the
+    venue's unwinding beside the restore), so overlapping steps are not counted twice."""
+    covered, end = 0.0, float("-inf")
+    for start, stop in sorted((s.start, s.end) for s in spans if s.step in steps):
+        if start > end:
+            covered += stop - start
+            end = stop
+        elif stop > end:
+            covered += stop - end
+            end = stop
+    return covered
 
 
 @dataclass
@@ -628,11 +639,17 @@ def print_where(m: Measured, spans: list[StepSpan]) -> None:
         ),
     ]
     print(f"where the time goes{'rollback':>31}{'floor':>9}{'extra':>9}")
-    rest = run.seconds
+    in_groups = [step for _, steps, _ in groups for step in steps]
+    together = took(spans, *in_groups)
+    separately = 0.0
     for title, steps, floor_s in groups:
         spent = took(spans, *steps)
-        rest -= spent
+        separately += spent
         print(f"  {title:<39}{spent:>9.3f}{floor_s:>9.3f}{spent - floor_s:>+9.3f}")
+    overlap = separately - together
+    title = "run at the same time (counted twice)"
+    print(f"  {title:<39}{-overlap:>9.3f}{0:>9.3f}{-overlap:>+9.3f}")
+    rest = run.seconds - together
     print(f"  {'the rest (no floor part)':<39}{rest:>9.3f}{0:>9.3f}{rest:>+9.3f}")
     grouped = {step for _, steps, _ in groups for step in steps}
     others: dict[str, list[float]] = {}
