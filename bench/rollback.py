@@ -39,11 +39,11 @@ Fairness: no strategy runs while (1) and (2) are measured; the rollback's own wo
 it stopped 1.1.0. The venue's weight window and our limiter are reset before each phase, as in
 K1; the kill path is warmed up through Temporal and directly on a small book first, and each
 account has one warm connection with markets loaded before "go". The venue's weight limits and
-our limiters' budgets are doubled for both sides: the rollback runs the kill switch twice
-(cancel-only, then flatten), about 2,600 weight on the K1 book, more than our 2,160 of Binance's
-2,400/min; with the real budget (``--binance-budget``) its flatten child is refused by our
-limiter and the saga stops safely. The strategy's stale limits are raised to 15 s because it
-re-reads every fill on each loop (seconds at 1M rows).
+our limiters' budgets are doubled for both sides: the rollback's flatten kill spends about 2,100
+weight on the K1 book (its dead-man arms and disarms on 50 symbol books alone about 1,000), close
+to our 2,160 of Binance's 2,400/min, and the strategy and the floor's own kill share the minute
+(``--binance-budget`` keeps the real limits). The strategy's stale limits are raised to 15 s: its
+first loop on this database sums the 1M fills once into its cash row.
 
 Printed: each floor part, the rollback's timeline, where the time goes (rollback steps against
 the floor part they correspond to), the activities' busy time in the worker and the parts of the
@@ -336,7 +336,7 @@ def prepare_strategy(stack: Stack, scene: Scene, dsn: str) -> None:
         symbols=[QUOTED],
         client_id_prefix=CLIENT_PREFIX,
         loop_interval_s=1.0,
-        # Every loop re-reads all fills for its P&L: seconds at 1M rows.
+        # The first loop sums the 1M fills once (its cash row is new): not a stale strategy.
         loop_stale_s=15.0,
         feed_stale_s=15.0,
         quote_offset_bps=Decimal(300),  # rests: every position stays the K1 book's
