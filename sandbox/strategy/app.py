@@ -1,24 +1,35 @@
 """The strategy process: a quoting loop on ccxt binanceusdm, its database, /healthz and /metrics.
 
-Every loop re-reads the trading state from the database, reads mark prices from the venue's public
-endpoint, reconciles its orders and positions with the venue, then acts: ACTIVE quotes both sides
-within the position caps; REDUCING cancels entries and only sends reduce-only orders; HALTED
-cancels what rests and sends nothing. SIGTERM (how supervisord stops a version) ends the loop: a
-read in flight is dropped, orders being sent are sent and recorded first, nothing new starts.
+Every loop re-reads the trading state, its trading lease and its share of capital from the
+database, reads mark prices from the venue's public endpoint, reconciles its orders and positions
+with the venue, then acts: ACTIVE quotes both sides within the position caps; REDUCING cancels
+entries and only sends reduce-only orders; HALTED cancels what rests and sends nothing.
+
+Two versions may run side by side during a deployment; only the holder of the account's lease
+(``lease.py``) sends, and only intents recorded under the epoch it read. The other one is a shadow:
+it reads the venue and decides, logs its decisions, and neither sends nor cancels nor writes the
+venue's view (the holder records orders, fills and positions). Each version acknowledges the epoch
+it read once its sends of the loop are done. No lease row: the single running version sends.
+
+SIGTERM (how supervisord stops a version) ends the loop: a read in flight is dropped, orders being
+sent are sent and recorded first, nothing new starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from decimal import ROUND_DOWN, Decimal
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +40,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from activities.venue_routing import loopback_session
+from sandbox.strategy import lease as contract
+from sandbox.strategy.allocation import capital_of
 from sandbox.strategy.config import Fault, Release, StrategyConfig
+from sandbox.strategy.decisions import init_decisions, record_decisions
 from sandbox.strategy.state import (
     Database,
     TradingState,
@@ -78,6 +92,57 @@ class Metrics:
 
 T = TypeVar("T")
 MAX_BACK_OFF_S = 300.0
+CID_MAX = 36
+"""Binance's limit on ``newClientOrderId`` (allowed: letters, digits and ``.:/_-``)."""
+VERSION_TAG_MAX = 10
+
+
+def client_order_id(
+    prefix: str, version: str, run_id: int, symbol: str, side: str, loop_no: int
+) -> str:
+    """``<prefix>-<version tag>-<run>-<symbol>-<B|S>-<loop>``: the venue's own records tell which
+    version placed an order. Too long for the venue, everything after the tag is hashed."""
+    tag = version_tag(version)
+    cid = f"{prefix}-{tag}-{run_id}-{symbol}-{side[0].upper()}-{loop_no}"
+    if len(cid) > CID_MAX:
+        digest = hashlib.sha256(cid.encode()).hexdigest()
+        cid = f"{prefix}-{tag}-{digest}"[:CID_MAX]
+    return cid
+
+
+def version_tag(version: str) -> str:
+    """The version as it appears in client order ids (``-`` and ``+`` become ``_``)."""
+    return re.sub(r"[^A-Za-z0-9._]", "_", version)[:VERSION_TAG_MAX]
+
+
+@dataclass(frozen=True)
+class Mandate:
+    """What this version may do in one loop, as its database says at the loop's start."""
+
+    state: TradingState
+    lease: contract.Lease | None
+    """The lease it sends under; None: a shadow (decides, sends nothing)."""
+    epoch: int
+    """The account's lease epoch it saw, acknowledged once its sends of the loop are done."""
+    capital: Decimal
+    """Share of ``order_notional`` and ``max_position_notional`` it trades."""
+
+    @property
+    def sending(self) -> bool:
+        return self.lease is not None
+
+    @property
+    def effective(self) -> TradingState:
+        """The trading state, made REDUCING by a lease being handed over (its holder may only
+        shrink positions until it is fenced)."""
+        handing_over = self.lease is not None and self.lease.mode is contract.LeaseMode.REDUCING
+        if self.state is TradingState.ACTIVE and handing_over:
+            return TradingState.REDUCING
+        return self.state
+
+
+NO_MANDATE = Mandate(TradingState.HALTED, None, 0, Decimal(0))
+"""Before the database was first read: send nothing, cancel nothing."""
 
 
 async def off_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -133,7 +198,9 @@ class Strategy:
         self.release = release
         self.metrics = Metrics(release)
         self.db = Database(config.db)
+        self.account = config.lease_account
         self.state = TradingState.ACTIVE
+        self.mandate = NO_MANDATE
         self.last_loop: float | None = None
         self.last_loop_at: str | None = None
         self.last_feed: float | None = None
@@ -187,7 +254,7 @@ class Strategy:
         session: aiohttp.ClientSession | None = None
         runner: web.AppRunner | None = None
         try:
-            await off_thread(self.db.init_schema)
+            await off_thread(self._init_schema)
             self.run_id = await off_thread(self._record_run)
             session = loopback_session(cfg.exchange_address, cfg.ca_file)
             self.exchange = ccxt.binanceusdm(
@@ -237,8 +304,14 @@ class Strategy:
             if not missing_table(e):
                 raise
             log.warning("the database lacks a table (%s): creating the schema", e)
-            await off_thread(self.db.init_schema)
+            await off_thread(self._init_schema)
             return await off_thread(fn, *args)
+
+    def _init_schema(self) -> None:
+        """The strategy's own tables and the deployment contract's (lease, decision log)."""
+        self.db.init_schema()
+        contract.init_lease_schema(self.db)
+        init_decisions(self.db)
 
     def _record_run(self) -> int:
         with self.db.transaction() as cur:
@@ -253,22 +326,58 @@ class Strategy:
 
     async def loop_once(self) -> None:
         m = self.metrics
+        before = self.mandate
         try:
-            record = await off_thread(get_trading_state, self.db)
-            self.state, self.db_ok = record.state, True
+            self.mandate, self.db_ok = await self._db(self._read_mandate), True
         except Exception as e:
-            # Cannot read the state: behave as HALTED until the database answers again.
-            self.db_ok, self.state = False, TradingState.HALTED
+            # Cannot read the database: behave as HALTED until it answers again (the holder
+            # cancels what rests, a shadow still touches nothing).
+            self.mandate = Mandate(TradingState.HALTED, before.lease, before.epoch, before.capital)
+            self.db_ok = False
             m.errors.labels("db").inc()
             log.warning("database unreachable: %s", type(e).__name__)
+        self.state = self.mandate.state
+        if self.mandate.sending != before.sending:
+            self._positions_at = None  # a new role: read the venue's positions afresh
+            log.info(
+                "%s on %s (epoch %d)",
+                "sending" if self.mandate.sending else "shadow: sending nothing",
+                self.account,
+                self.mandate.epoch,
+            )
         for s in TradingState:
             m.state.labels(s.value).set(1 if s == self.state else 0)
         if time.monotonic() >= self._quiet_until:
             await self._trade()
+        if self.db_ok:
+            # Every send of this loop has ended: nothing is in flight under an older epoch.
+            await self._acknowledge(self.mandate.epoch)
         self.loop_no += 1
         self.last_loop = time.monotonic()
         self.last_loop_at = utcnow().isoformat()
         m.loops.inc()
+
+    def _read_mandate(self) -> Mandate:
+        state = get_trading_state(self.db).state
+        version = self.release.version
+        mine = contract.may_send(self.db, self.account, version)
+        if mine is not None:
+            epoch = mine.epoch
+        else:
+            current = contract.read_lease(self.db, self.account)
+            epoch = current.epoch if current is not None else 0
+        capital = Decimal(repr(capital_of(self.db, version)))
+        return Mandate(state, mine, epoch, capital)
+
+    async def _acknowledge(self, epoch: int) -> None:
+        try:
+            await self._db(contract.acknowledge, self.db, self.account, self.release.version, epoch)
+        except Exception as e:
+            if not is_db_error(e):
+                raise
+            self.db_ok = False
+            self.metrics.errors.labels("db").inc()
+            log.warning("database error acknowledging epoch %d: %s", epoch, type(e).__name__)
 
     async def _trade(self) -> None:
         m = self.metrics
@@ -338,11 +447,19 @@ class Strategy:
         )
 
     async def _reconcile(self) -> None:
-        """Read open orders (and positions when due); record fills, positions and P&L."""
+        """Read open orders (and positions when due); record fills, positions and P&L. A shadow
+        only reads: the holder of the lease records the venue's view."""
         ex = self.exchange
         symbols = [self._ccxt(s) for s in self.config.symbols]
         open_lists = await asyncio.gather(*(ex.fetch_open_orders(s) for s in symbols))
         open_by_cid = {o["clientOrderId"]: o for lst in open_lists for o in lst}
+        if not self.mandate.sending:
+            if self._positions_due():
+                raw = await ex.fetch_positions(symbols)
+                self._positions_at, self._positions_state = time.monotonic(), self.state
+                self.positions = self._venue_book(raw)[0]
+            self._open = list(open_by_cid.values())
+            return
         known = await self._db(self._known_open)
         gone = [(cid, oid, sym) for cid, (oid, sym) in known.items() if cid not in open_by_cid]
         finals = await asyncio.gather(*(self._final_state(oid, sym) for _, oid, sym in gone))
@@ -425,17 +542,25 @@ class Strategy:
             if raw_positions is None:
                 book = _moved(self.positions, fills)
             else:
-                book = {s: Decimal(0) for s in self.config.symbols}
-                for p in raw_positions:
-                    info = venue[p["info"]["symbol"]] = p["info"]
-                    book[info["symbol"]] = book.get(info["symbol"], Decimal(0)) + Decimal(
-                        info["positionAmt"]
-                    )
+                book, venue = self._venue_book(raw_positions)
             self._write_positions(cur, book, venue, now)
             self._store_pnl(cur, now)
         if self.accepted:
             self.metrics.fill_rate.set(self.filled_orders / self.accepted)
         return book
+
+    def _venue_book(
+        self, raw_positions: list[dict[str, Any]]
+    ) -> tuple[Book, dict[str, dict[str, Any]]]:
+        """The venue's positions as a book, and its rows by symbol."""
+        book = {s: Decimal(0) for s in self.config.symbols}
+        venue: dict[str, dict[str, Any]] = {}
+        for p in raw_positions:
+            info = venue[p["info"]["symbol"]] = p["info"]
+            book[info["symbol"]] = book.get(info["symbol"], Decimal(0)) + Decimal(
+                info["positionAmt"]
+            )
+        return book, venue
 
     def _write_positions(
         self, cur: Any, book: Book, venue: dict[str, dict[str, Any]], now: str
@@ -488,29 +613,59 @@ class Strategy:
     def _ccxt(self, symbol_id: str) -> str:
         return str(self.exchange.markets_by_id[symbol_id][0]["symbol"])
 
-    def _rules(self, symbol_id: str) -> tuple[Decimal, Decimal]:
+    def _rules(self, symbol_id: str) -> tuple[Decimal, Decimal, Decimal]:
+        """Tick size, lot step and minimum notional of a symbol."""
         info = self.exchange.markets_by_id[symbol_id][0]["info"]
         filters = {f["filterType"]: f for f in info["filters"]}
-        return Decimal(filters["PRICE_FILTER"]["tickSize"]), Decimal(
-            filters["LOT_SIZE"]["stepSize"]
+        return (
+            Decimal(filters["PRICE_FILTER"]["tickSize"]),
+            Decimal(filters["LOT_SIZE"]["stepSize"]),
+            Decimal(filters.get("MIN_NOTIONAL", {}).get("notional", "0")),
         )
 
     async def _act(self) -> None:
+        mandate = self.mandate
+        state = mandate.effective
+        if not mandate.sending:
+            # A shadow decides on the same book (the holder's orders rest there) and only logs
+            # it: the orders on the venue are the holder's, so it cancels nothing either.
+            if state is not TradingState.HALTED:
+                await self._log_decisions(self._decide(state, mandate.capital)[0], sent=False)
+            return
+        if state == TradingState.HALTED:
+            await self._cancel([o for o in self._open])
+            return
+        if state == TradingState.REDUCING:
+            await self._cancel([o for o in self._open if not o["reduceOnly"]])
+        decisions, stale = self._decide(state, mandate.capital)
+        await self._log_decisions(decisions, sent=True)
+        await self._cancel(stale)
+        lease = mandate.lease
+        assert lease is not None
+        # Every order runs to its end (sent and recorded) before an error of another surfaces.
+        _raise_first(
+            await asyncio.gather(
+                *(self._place(lease, *d) for d in decisions), return_exceptions=True
+            )
+        )
+
+    def _decide(
+        self, state: TradingState, capital: Decimal
+    ) -> tuple[list[tuple[str, str, Decimal, Decimal, bool]], list[dict[str, Any]]]:
+        """The orders to send (symbol, side, qty, price, reduce-only) and the resting quotes gone
+        stale, quoting ``capital`` of the configured notional and position caps."""
         cfg = self.config
         positions = self.positions
         fault = self.release.fault
-        if self.state == TradingState.HALTED:
-            await self._cancel([o for o in self._open])
-            return
-        if self.state == TradingState.REDUCING:
-            await self._cancel([o for o in self._open if not o["reduceOnly"]])
+        notional = cfg.order_notional * capital
+        cap = cfg.max_position_notional * capital
         decisions: list[tuple[str, str, Decimal, Decimal, bool]] = []
         stale: list[dict[str, Any]] = []
         for sym in cfg.symbols:
             price = self.prices.get(sym)
             if price is None:
                 continue
-            tick, step = self._rules(sym)
+            tick, step, min_notional = self._rules(sym)
             pos = positions.get(sym, Decimal(0))
             resting = [o for o in self._open if o["info"]["symbol"] == sym]
             offset = price * cfg.quote_offset_bps / Decimal(10000)
@@ -518,7 +673,7 @@ class Strategy:
                 "buy": ((price - offset) / tick).to_integral_value(ROUND_DOWN) * tick,
                 "sell": -((-(price + offset)) / tick).to_integral_value(ROUND_DOWN) * tick,
             }
-            if self.state == TradingState.REDUCING:
+            if state == TradingState.REDUCING:
                 if pos == 0:
                     continue
                 side = "sell" if pos > 0 else "buy"
@@ -528,13 +683,16 @@ class Strategy:
                 if qty > 0:
                     decisions.append((sym, side, qty, want[side], True))
                 continue
-            qty = (cfg.order_notional / price / step).to_integral_value(ROUND_DOWN) * step
+            qty = (notional / price / step).to_integral_value(ROUND_DOWN) * step
+            # Never below the venue's minimum: a small share of capital is no reject storm.
+            least = (min_notional / want["buy"] / step).to_integral_value(ROUND_CEILING) * step
+            qty = max(qty, least)
             if fault == Fault.REJECT_STORM:
                 qty = step  # one lot: below the venue's minimum notional, rejected every time
             elif fault == Fault.OVERSIZED:
-                qty = (
-                    cfg.max_position_notional * cfg.oversize_factor / price / step
-                ).to_integral_value(ROUND_DOWN) * step
+                qty = (cap * cfg.oversize_factor / price / step).to_integral_value(
+                    ROUND_DOWN
+                ) * step
             for side, px in want.items():
                 mine = [o for o in resting if o["side"] == side and not o["reduceOnly"]]
                 drift = cfg.requote_bps * price / Decimal(10000)
@@ -543,14 +701,25 @@ class Strategy:
                     continue
                 grows = pos >= 0 if side == "buy" else pos <= 0
                 after = abs(pos) + qty if grows else abs(abs(pos) - qty)
-                if fault != Fault.OVERSIZED and after * price > cfg.max_position_notional:
-                    continue  # the cap: never quote what could grow the position beyond it
+                if fault != Fault.OVERSIZED and after * price > cap and after >= abs(pos):
+                    # The cap: never quote what could grow the position beyond it. One that
+                    # shrinks it is quoted (a smaller share of capital may start above the cap).
+                    continue
                 decisions.append((sym, side, qty, px, False))
-        await self._cancel(stale)
-        # Every order runs to its end (sent and recorded) before an error of another surfaces.
-        _raise_first(
-            await asyncio.gather(*(self._place(*d) for d in decisions), return_exceptions=True)
-        )
+        return decisions, stale
+
+    async def _log_decisions(
+        self, decisions: list[tuple[str, str, Decimal, Decimal, bool]], *, sent: bool
+    ) -> None:
+        """The decision log a deployment compares a shadow's decisions with (``decisions.py``)."""
+        if decisions:
+            logged = [(sym, side, px, qty) for sym, side, qty, px, _ in decisions]
+            await self._db(self._record_decisions, logged, sent)
+
+    def _record_decisions(
+        self, logged: list[tuple[str, str, Decimal, Decimal]], sent: bool
+    ) -> None:
+        record_decisions(self.db, self.release.version, logged, sent=sent)
 
     async def _cancel(self, orders: list[dict[str, Any]]) -> None:
         async def one(o: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
@@ -569,7 +738,13 @@ class Strategy:
         _raise_first(answers)
 
     async def _place(
-        self, sym: str, side: str, qty: Decimal, price: Decimal, reduce_only: bool
+        self,
+        lease: contract.Lease,
+        sym: str,
+        side: str,
+        qty: Decimal,
+        price: Decimal,
+        reduce_only: bool,
     ) -> None:
         decided = time.monotonic()
         if self.release.fault == Fault.LATENCY:
@@ -578,11 +753,15 @@ class Strategy:
                 await asyncio.wait_for(self._stopped.wait(), self.config.latency_fault_s)
         if self._stopping:
             return  # decided but not sent: nothing to record
-        cid = f"{self.config.client_id_prefix}-{self.run_id}-{sym}-{side[0].upper()}-{self.loop_no}"
+        cid = client_order_id(
+            self.config.client_id_prefix, self.release.version, self.run_id, sym, side, self.loop_no
+        )
         params: dict[str, Any] = {"newClientOrderId": cid, "timeInForce": "GTC"}
         if reduce_only:
             params["reduceOnly"] = True
-        await self._db(self._store_new, cid, sym, side, qty, price, reduce_only)
+        if not await self._db(self._store_intent, lease, cid, sym, side, qty, price, reduce_only):
+            log.info("lease epoch %d fenced meanwhile: %s not sent", lease.epoch, cid)
+            return
         try:
             order = await self.exchange.create_order(
                 self._ccxt(sym), "limit", side, float(qty), float(price), params
@@ -596,27 +775,28 @@ class Strategy:
         self.accepted += 1
         await self._db(self._store_status, cid, str(order["id"]), "NEW")
 
-    def _store_new(
-        self, cid: str, sym: str, side: str, qty: Decimal, price: Decimal, reduce_only: bool
-    ) -> None:
+    def _store_intent(
+        self,
+        lease: contract.Lease,
+        cid: str,
+        sym: str,
+        side: str,
+        qty: Decimal,
+        price: Decimal,
+        reduce_only: bool,
+    ) -> bool:
+        """The order's PENDING row, written only while ``lease`` still holds (False: fenced,
+        do not send)."""
         now = utcnow().isoformat()
-        with self.db.transaction() as cur:
-            cur.execute(
-                "INSERT INTO orders (client_order_id, order_id, symbol, side, qty, price, "
-                "reduce_only, status, filled, version, created_at, updated_at) "
-                "VALUES (?, NULL, ?, ?, ?, ?, ?, 'PENDING', '0', ?, ?, ?)",
-                (
-                    cid,
-                    sym,
-                    side,
-                    str(qty),
-                    str(price),
-                    int(reduce_only),
-                    self.release.version,
-                    now,
-                    now,
-                ),
-            )
+        row = (cid, sym, side, str(qty), str(price), int(reduce_only), self.release.version)
+        return contract.record_intent(
+            self.db,
+            lease,
+            "INSERT INTO orders (client_order_id, order_id, symbol, side, qty, price, "
+            "reduce_only, status, filled, version, created_at, updated_at) "
+            "VALUES (?, NULL, ?, ?, ?, ?, ?, 'PENDING', '0', ?, ?, ?)",
+            (*row, now, now),
+        )
 
     def _store_status(self, cid: str, order_id: str | None, status: str) -> None:
         with self.db.transaction() as cur:
@@ -640,6 +820,9 @@ class Strategy:
             "version": self.release.version,
             "fault": self.release.fault.value,
             "trading_state": self.state.value,
+            "sending": self.mandate.sending,
+            "lease_epoch": self.mandate.epoch,
+            "capital": float(self.mandate.capital),
             "last_loop_at": self.last_loop_at,
             "loop_alive": loop_alive,
             "feed_age_s": feed_age,

@@ -58,6 +58,9 @@ class StrategyConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str = "sample"
     """Strategy name (client order ids start with ``client_id_prefix``)."""
+    account: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    """The account's name in breakglass (a runbook's ``accounts`` entry, e.g. ``alpha-futures``):
+    the key of its trading lease. None: the name of ``api_key_env``."""
     exchange_address: str
     """``127.0.0.1:PORT`` of the sandbox's TLS trading API (ccxt keeps Binance's real URLs)."""
     ca_file: Path
@@ -74,7 +77,8 @@ class StrategyConfig(BaseModel):
     port_file: Path | None = None
     symbols: list[str] = Field(default_factory=lambda: ["BTCUSDT", "ETHUSDT"])
     """Binance ids of the USDⓈ-M perpetuals quoted."""
-    client_id_prefix: str = "sg"
+    client_id_prefix: str = Field(default="sg", pattern=r"^[A-Za-z0-9_]{1,12}$")
+    """Client order ids are ``<prefix>-<version tag>-…`` (Binance allows 36 characters)."""
     loop_interval_s: float = 0.5
     quote_offset_bps: Decimal = Decimal(3)
     """Distance of each quote from the feed price: close enough to fill in a test run."""
@@ -93,6 +97,11 @@ class StrategyConfig(BaseModel):
     """/healthz fails once the last finished loop is older than this."""
     latency_fault_s: float = 1.2
     oversize_factor: Decimal = Decimal(20)
+
+    @property
+    def lease_account(self) -> str:
+        """The account whose trading lease this strategy obeys."""
+        return self.account or self.api_key_env
 
     @model_validator(mode="before")
     @classmethod
