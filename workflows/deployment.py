@@ -268,6 +268,25 @@ class DeployWorkflow:
 
     async def _shadow(self, plan: DeployPlan) -> None:
         self._mark(Stage.SHADOW, StepState.RUNNING, f"starting {plan.version_to} beside")
+        if plan.version_from is not None:
+            # No lease row means "the single running version sends": before a second version
+            # runs beside it, the live one must hold the lease by name (fenced like any grant;
+            # a no-op once it holds it). The candidate then only shadows.
+            await self._activity(
+                "handover_lease",
+                HandoverRequest(
+                    ref=plan.ref,
+                    database=plan.database,
+                    accounts=plan.accounts,
+                    from_version=None,
+                    to_version=plan.version_from,
+                    reason=f"deploy {workflow.info().workflow_id}: {plan.version_from} holds "
+                    f"the lease while {plan.version_to} shadows",
+                ),
+                HandoverResult,
+                timeout=timedelta(seconds=plan.timeouts.cancel_s),
+                stage=Stage.SHADOW,
+            )
         await self._activity(
             "start_candidate",
             CandidateRequest(

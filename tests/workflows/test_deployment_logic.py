@@ -253,10 +253,17 @@ async def test_a_good_release_goes_through_every_stage_and_is_promoted(time_env)
     assert report.outcome is DeployOutcome.PROMOTED, report.error
     checks = [f"check:{c}" for c in release.plan.checks]
     calls = release.calls
+    n = len(checks) + 4
     # The live version is sampled while the candidate shadows it (the canary's baseline).
-    assert sorted(calls[len(checks) + 3 : len(checks) + 5]) == ["sample:1.3.0", "shadow"]
-    assert calls[: len(checks) + 3] == ["plan", *checks, f"snapshot:{OLD}", f"candidate:{NEW}"]
-    assert calls[len(checks) + 5 :] == [
+    assert sorted(calls[n : n + 2]) == ["sample:1.3.0", "shadow"]
+    assert calls[:n] == [
+        "plan",
+        *checks,
+        f"snapshot:{OLD}",
+        f"handover:None->{OLD}",  # the live version holds the lease by name: NEW only shadows
+        f"candidate:{NEW}",
+    ]
+    assert calls[n + 2 :] == [
         f"capital:{NEW}=0.05",
         f"handover:{OLD}->{NEW}",  # the first switch: the canary trades from here
         f"sample:{NEW}",
@@ -299,7 +306,8 @@ async def test_shadow_disagreement_retires_the_candidate_without_a_rollback(time
         report: DeployReport = await handle.result()
     assert report.outcome is DeployOutcome.REJECTED and report.failed_stage is Stage.SHADOW
     assert release.calls[-1] == f"retire:{NEW}"  # the candidate, not the live one
-    assert not any(c.startswith(("capital:", "handover:")) for c in release.calls)
+    assert not any(c.startswith("capital:") for c in release.calls)
+    assert [c for c in release.calls if c.startswith("handover:")] == [f"handover:None->{OLD}"]
     assert report.rollback_workflow_id is None
 
 
