@@ -39,13 +39,14 @@ from worker.process import exit_now
 from worker.settings import Settings
 from worker.temporal_client import TemporalUnreachable, connect
 from workflows.deploy_models import StrategyRef
+from workflows.deployment import DeployWorkflow
 from workflows.kill_switch import KillSwitchWorkflow
 from workflows.rollback import RollbackWorkflow
 from workflows.shared import TASK_QUEUE
 
 log = logging.getLogger("breakglass.worker")
 
-WORKFLOWS: Sequence[type] = (KillSwitchWorkflow, RollbackWorkflow)
+WORKFLOWS: Sequence[type] = (KillSwitchWorkflow, RollbackWorkflow, DeployWorkflow)
 STICKY_FAILOVER = timedelta(seconds=3)
 """A dead worker's cached workflows move to another worker after this (SDK default 10 s): a kill
 switch should not sit out the default when its worker was SIGKILLed."""
