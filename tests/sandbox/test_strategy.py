@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import secrets
 import signal
 import sqlite3
@@ -27,6 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sandbox.admin_client import SandboxAdmin
 from sandbox.admin_models import AccountState, Limits, PositionSet
+from sandbox.strategy import lease
+from sandbox.strategy.app import client_order_id
 from sandbox.strategy.config import Fault, StrategyConfig
 from sandbox.strategy.releases import ReleaseConflict, build_release
 from sandbox.strategy.state import (
@@ -376,6 +379,44 @@ async def test_postgres_backend_runs_the_strategy(
     finally:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# ---------------------------------------------------------------------- the trading lease
+
+
+async def test_without_the_lease_it_decides_but_sends_nothing_until_granted(
+    launch: Launch, sandbox_admin: SandboxAdmin, tmp_path: Path
+) -> None:
+    db = str(tmp_path / "leased.sqlite")
+    key = StrategyConfig.model_fields["api_key_env"].default  # no ``account``: the lease key
+    other = lease.grant(db, key, "v-other", "test", "another version trades")
+    run = await launch(db=db, symbols=["ETHUSDT"], loop_interval_s=0.3)
+    await assert_eventually(lambda: _loops_at_least(run, 4), timeout=10)
+
+    # A shadow: nothing on the venue, its decisions logged unsent, the epoch acknowledged.
+    assert (await sandbox_admin.state(run.account.api_key)).orders == []
+    with Database(db).transaction() as cur:
+        logged = cur.execute("SELECT DISTINCT sent FROM decisions WHERE version = 'v-none'")
+        assert logged.fetchall() == [(0,)]
+    assert lease.acknowledged(db, key, "v-none") == other.epoch
+    _, body = await get_json(run.base_url + "/healthz")
+    assert body["healthy"] and not body["sending"] and body["lease_epoch"] == other.epoch
+
+    granted = lease.grant(db, key, "v-none", "test", "handed over")
+    await assert_eventually(lambda: _has_open_orders(sandbox_admin, run), timeout=10)
+    state = await sandbox_admin.state(run.account.api_key)
+    tag = f"{run.config.client_id_prefix}-v_none-"  # the version, "-" made "_"
+    assert state.orders and all(o.client_order_id.startswith(tag) for o in state.orders)
+    assert lease.acknowledged(db, key, "v-none") == granted.epoch
+
+
+def test_client_order_ids_carry_the_version_within_the_venues_limit() -> None:
+    assert client_order_id("sgab12", "2.0.0", 3, "ETHUSDT", "buy", 17) == (
+        "sgab12-2.0.0-3-ETHUSDT-B-17"
+    )
+    long = client_order_id("prefix123456", "1.2.3-rc.1+b", 123456, "1000PEPEUSDT", "sell", 10**9)
+    assert len(long) == 36 and long.startswith("prefix123456-1.2.3_rc.1-"), long
+    assert re.fullmatch(r"[.A-Z:/a-z0-9_-]{1,36}", long)  # Binance's newClientOrderId
 
 
 # ---------------------------------------------------------------------- releases
