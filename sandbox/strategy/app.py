@@ -627,17 +627,19 @@ class Strategy:
         mandate = self.mandate
         state = mandate.effective
         if not mandate.sending:
-            # A shadow decides on the same book (the holder's orders rest there) and only logs
-            # it: the orders on the venue are the holder's, so it cancels nothing either.
+            # A shadow decides as if the book were its own and empty, and only logs it: the
+            # orders resting there are the holder's (it cancels none), and deciding around the
+            # holder's fresh requotes would hide its own decisions from the comparison.
             if state is not TradingState.HALTED:
-                await self._log_decisions(self._decide(state, mandate.capital)[0], sent=False)
+                decided = self._decide(state, mandate.capital, resting=[])[0]
+                await self._log_decisions(decided, sent=False)
             return
         if state == TradingState.HALTED:
             await self._cancel([o for o in self._open])
             return
         if state == TradingState.REDUCING:
             await self._cancel([o for o in self._open if not o["reduceOnly"]])
-        decisions, stale = self._decide(state, mandate.capital)
+        decisions, stale = self._decide(state, mandate.capital, self._open)
         await self._log_decisions(decisions, sent=True)
         await self._cancel(stale)
         lease = mandate.lease
@@ -650,10 +652,10 @@ class Strategy:
         )
 
     def _decide(
-        self, state: TradingState, capital: Decimal
+        self, state: TradingState, capital: Decimal, resting: list[dict[str, Any]]
     ) -> tuple[list[tuple[str, str, Decimal, Decimal, bool]], list[dict[str, Any]]]:
-        """The orders to send (symbol, side, qty, price, reduce-only) and the resting quotes gone
-        stale, quoting ``capital`` of the configured notional and position caps."""
+        """The orders to send (symbol, side, qty, price, reduce-only) and the ``resting`` quotes
+        gone stale, quoting ``capital`` of the configured notional and position caps."""
         cfg = self.config
         positions = self.positions
         fault = self.release.fault
@@ -667,7 +669,7 @@ class Strategy:
                 continue
             tick, step, min_notional = self._rules(sym)
             pos = positions.get(sym, Decimal(0))
-            resting = [o for o in self._open if o["info"]["symbol"] == sym]
+            here = [o for o in resting if o["info"]["symbol"] == sym]
             offset = price * cfg.quote_offset_bps / Decimal(10000)
             want = {
                 "buy": ((price - offset) / tick).to_integral_value(ROUND_DOWN) * tick,
@@ -677,7 +679,7 @@ class Strategy:
                 if pos == 0:
                     continue
                 side = "sell" if pos > 0 else "buy"
-                if any(o["reduceOnly"] for o in resting):
+                if any(o["reduceOnly"] for o in here):
                     continue
                 qty = (abs(pos) / step).to_integral_value(ROUND_DOWN) * step
                 if qty > 0:
@@ -694,7 +696,7 @@ class Strategy:
                     ROUND_DOWN
                 ) * step
             for side, px in want.items():
-                mine = [o for o in resting if o["side"] == side and not o["reduceOnly"]]
+                mine = [o for o in here if o["side"] == side and not o["reduceOnly"]]
                 drift = cfg.requote_bps * price / Decimal(10000)
                 stale += [o for o in mine if abs(Decimal(str(o["price"])) - px) > drift]
                 if [o for o in mine if o not in stale] and fault != Fault.REJECT_STORM:
