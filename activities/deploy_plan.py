@@ -63,7 +63,6 @@ class DeployPlanner:
             ref=runbook.ref,
             staging=staging,
             accounts=runbook.accounts,
-            canary_accounts=policy.canary_accounts,
             database=runbook.database,
             version_from=current,
             version_to=request.version,

@@ -137,11 +137,11 @@ class DeployPolicy(_Config):
     """How long the new version decides beside the live one without sending (default 30)."""
     min_shadow_agreement: float = Field(default=0.9, ge=0, le=1)
     """Share of the live version's decisions the new one must make too (default 0.9)."""
-    canary_accounts: list[str] = []
-    """Accounts the canary trades on, by name (never the live version's)."""
     canary: list[CanaryStep] = []
-    """Capital steps, e.g. ``[{capital: 0.05, bake_s: 300}, {capital: 0.25, bake_s: 600}]``;
-    none (default): promotion follows the shadow."""
+    """Capital steps: the new version holds the lease of the live accounts and trades this share
+    of the capital (notional and position caps) while the old one shadows, e.g.
+    ``[{capital: 0.05, bake_s: 300}, {capital: 0.25, bake_s: 600}]``; none (default):
+    promotion follows the shadow."""
     analysis: AnalysisPolicy | None = Field(default=None, validate_default=True)
     """Gates and metric comparisons judging each canary step (required with canary steps)."""
     pause_timeout_s: int = Field(default=1800, ge=30, le=86_400)
@@ -160,8 +160,6 @@ class DeployPolicy(_Config):
     ) -> AnalysisPolicy | None:
         if info.data.get("canary") and analysis is None:
             raise _refuse("canary steps need an analysis policy to judge them")
-        if info.data.get("canary") and not info.data.get("canary_accounts"):
-            raise _refuse("canary steps need canary_accounts to trade on")
         return analysis
 
 
@@ -246,17 +244,6 @@ class Runbook(_Config):
                 "(or choose mode: auto or mode: hold)"
             )
         return flatten
-
-    @field_validator("deploy")
-    @classmethod
-    def _canary_apart(cls, deploy: DeployPolicy, info: ValidationInfo) -> DeployPolicy:
-        shared = set(deploy.canary_accounts) & set(info.data.get("accounts") or [])
-        if shared:
-            raise _refuse(
-                f"canary_accounts {sorted(shared)} are also the live accounts: one trading "
-                "lease per account, so the canary needs accounts of its own"
-            )
-        return deploy
 
 
 def _unique(names: list[str], what: str) -> None:

@@ -49,9 +49,6 @@ class DeployPlan(Model):
     staging: StrategyRef | None
     """Where the release is validated first (None: the runbook names no staging env)."""
     accounts: list[str]
-    canary_accounts: list[str] = Field(default_factory=list)
-    """Where the canary trades its share of capital (one trading lease per account: the canary
-    never shares an account with the running version)."""
     database: DatabaseRef
     version_from: str | None
     version_to: str

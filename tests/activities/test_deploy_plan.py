@@ -31,7 +31,6 @@ approvers: [bob, carol]
 deploy:
   staging_env: staging
   checks: [feed, kill-switch]
-  canary_accounts: [beta-futures]
   canary:
     - {{capital: 0.05, bake_s: 60}}
     - {{capital: 0.25, bake_s: 120}}
@@ -80,7 +79,7 @@ async def test_the_plan_carries_the_runbook_policy_and_the_staging_env(tmp_path:
     assert (plan.version_from, plan.version_to) == (None, "1.4.0")  # nothing deployed yet
     assert plan.checks == ["feed", "kill-switch"]
     assert [s.capital for s in plan.canary] == [0.05, 0.25]
-    assert plan.canary_accounts == ["beta-futures"] and plan.accounts == ["alpha-futures"]
+    assert plan.accounts == ["alpha-futures"]
     assert plan.analysis is not None and plan.analysis.gates[0].metric == "reject_rate"
     assert plan.approvers == ["bob", "carol"] and plan.retire_delay_s == 600
 

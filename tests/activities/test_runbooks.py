@@ -120,12 +120,8 @@ def test_unknown_field_is_refused_with_its_line(tmp_path: Path) -> None:
         ("health: {path: healthz}\n", ":14: health.path: String should match pattern"),
         ("approvers: [alice, alice]\n", ":14: approvers: approver 'alice' is listed twice"),
         (
-            "deploy: {canary: [{capital: 0.05, bake_s: 60}], canary_accounts: [beta-futures]}\n",
+            "deploy: {canary: [{capital: 0.05, bake_s: 60}]}\n",
             ":14: deploy.analysis: canary steps need an analysis policy to judge them",
-        ),
-        (
-            "deploy: {canary_accounts: [alpha-futures]}\n",
-            ":14: deploy: canary_accounts ['alpha-futures'] are also the live accounts",
         ),
         (
             "deploy: {canary: [{capital: 1.5, bake_s: 60}]}\n",

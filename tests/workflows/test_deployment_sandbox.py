@@ -35,7 +35,6 @@ DEPLOY = """\
   shadow_bake_s: 4
   min_shadow_agreement: 0.5
   # Required by the runbook's validator; the canary trades the live account under the lease.
-  canary_accounts: [canary-unused]
   canary: [{capital: 0.2, bake_s: 6}]
   analysis:
     gates: [{metric: order_latency_p99_s, comparator: "<", threshold: 1.0}]
