@@ -27,7 +27,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 unit: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 ## bench: the K1 kill-switch and R1 rollback benchmarks (each prints ratios; last line is machine-readable)
 bench: $(STAMP)
