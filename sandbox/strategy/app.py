@@ -223,6 +223,14 @@ class Strategy:
         """True while orders are being sent and recorded: a stop waits for that to finish."""
         self._quiet_until = 0.0
         """Rate-limited by the venue: no request before this (monotonic) time."""
+        self._started = time.monotonic()
+
+    @property
+    def fault(self) -> Fault:
+        """The release's fault, once ``fault_after_s`` have passed since the process started."""
+        if time.monotonic() - self._started < self.config.fault_after_s:
+            return Fault.NONE
+        return self.release.fault
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -658,7 +666,7 @@ class Strategy:
         gone stale, quoting ``capital`` of the configured notional and position caps."""
         cfg = self.config
         positions = self.positions
-        fault = self.release.fault
+        fault = self.fault
         notional = cfg.order_notional * capital
         cap = cfg.max_position_notional * capital
         decisions: list[tuple[str, str, Decimal, Decimal, bool]] = []
@@ -749,7 +757,7 @@ class Strategy:
         reduce_only: bool,
     ) -> None:
         decided = time.monotonic()
-        if self.release.fault == Fault.LATENCY:
+        if self.fault == Fault.LATENCY:
             # The slow "model"; a stop cuts it short (nothing is sent after it).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), self.config.latency_fault_s)

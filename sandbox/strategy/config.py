@@ -97,6 +97,9 @@ class StrategyConfig(BaseModel):
     """/healthz fails once the last finished loop is older than this."""
     latency_fault_s: float = 1.2
     oversize_factor: Decimal = Decimal(20)
+    fault_after_s: float = Field(default=0.0, ge=0)
+    """The release's fault starts this many seconds after the process starts (a slow burn that
+    short bakes miss); 0 (default): from the start. A release without a fault ignores it."""
 
     @property
     def lease_account(self) -> str:
