@@ -2,6 +2,8 @@
 
 ``judge`` is pure and deterministic (same inputs, same result, no I/O, no clock); the activity
 that samples both versions' /metrics calls it and returns its ``AnalysisResult`` to the workflow.
+With a gates-only policy (no metrics, ``min_trades`` 0) and an empty baseline it judges the hard
+gates alone: post-promotion monitoring, when the old version no longer trades.
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ def _aggregate(gate: HardGate, values: list[float]) -> float:
 
 def _check_gate(gate: HardGate, canary: MetricSeries) -> GateResult:
     values = canary.values.get(gate.metric, [])
+    # Named by version: monitoring after promotion judges the same gates on a version that is
+    # no longer a canary.
+    who = canary.version or "canary"
     common = {
         "metric": gate.metric,
         "comparator": gate.comparator,
@@ -104,7 +109,7 @@ def _check_gate(gate: HardGate, canary: MetricSeries) -> GateResult:
         return GateResult(
             **common,
             verdict=Verdict.NODATA,
-            reason=f"gate {gate}: {len(values)} canary samples, {gate.min_samples} needed",
+            reason=f"gate {gate}: {len(values)} samples of {who}, {gate.min_samples} needed",
         )
     value = float(_aggregate(gate, values))
     if gate.comparator.holds(value, gate.threshold):
@@ -115,7 +120,7 @@ def _check_gate(gate: HardGate, canary: MetricSeries) -> GateResult:
         **common,
         verdict=Verdict.FAIL,
         value=value,
-        reason=f"gate {gate} violated: canary {gate.aggregate.value} is {value:.4g}",
+        reason=f"gate {gate} violated: {who} {gate.aggregate.value} is {value:.4g}",
     )
 
 

@@ -11,6 +11,7 @@ step, or the handover when the runbook has no canary).
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -20,7 +21,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.analysis_models import AnalysisResult, MetricSeries, Verdict
+    from workflows.analysis_models import AnalysisPolicy, AnalysisResult, MetricSeries, Verdict
     from workflows.deploy_models import (
         ActivateRequest,
         ActivationRecord,
@@ -486,24 +487,79 @@ class DeployWorkflow:
         return series
 
     async def _monitor(self, plan: DeployPlan) -> None:
-        self._mark(Stage.MONITOR, StepState.RUNNING, f"{plan.monitor_s:.0f}s")
-        deadline = workflow.now() + timedelta(seconds=plan.monitor_s)
-        while True:
-            health: HealthReport = await self._activity(
-                "check_health",
-                HealthRequest(ref=plan.ref),
-                HealthReport,
-                stage=Stage.MONITOR,
+        """The promoted version alone, window by window: its health every second and the
+        runbook's hard gates on each window's trading series. A release that behaved while it
+        was judged against the old one and fails later is caught here, while the old version
+        is still warm: the failure path rolls back to it."""
+        policy = plan.monitor_policy()
+        count = math.ceil(plan.monitor_s / plan.monitor_window_s)
+        gates = f"{len(policy.gates)} gate(s)" if policy else "no gates in the runbook"
+        self._mark(
+            Stage.MONITOR,
+            StepState.RUNNING,
+            f"{plan.version_to} alone for {plan.monitor_s:.0f}s: health, {gates}",
+        )
+        for number in range(1, count + 1):
+            window_s = plan.monitor_s / count
+            name = f"window {number}/{count}: {window_s:.0f}s"
+            self._child(Stage.MONITOR, name, StepState.RUNNING, "sampling")
+            try:
+                series = await self._watch(plan, window_s)
+                detail = await self._judge_window(plan, policy, series, name)
+            except DeployFailed as failure:
+                self._child(Stage.MONITOR, name, StepState.FAILED, str(failure))
+                raise
+            self._child(Stage.MONITOR, name, StepState.DONE, detail)
+        await self._healthy_after_promotion(plan)
+        self._mark(Stage.MONITOR, StepState.DONE, f"{plan.version_to} healthy, no gate violated")
+
+    async def _watch(self, plan: DeployPlan, window_s: float) -> MetricSeries:
+        """One window's trading series of the promoted version, its health polled meanwhile (a
+        crash is noticed within a second, not at the end of the window)."""
+        sampling = asyncio.ensure_future(
+            self._sample(plan, plan.version_to, window_s, Stage.MONITOR)
+        )
+        try:
+            while True:
+                await self._healthy_after_promotion(plan)
+                try:
+                    await workflow.wait_condition(sampling.done, timeout=HEALTH_POLL)
+                except TimeoutError:
+                    continue
+                series: MetricSeries = await sampling
+                return series
+        finally:
+            sampling.cancel()  # a no-op once it finished; else the window ends with a failure
+
+    async def _judge_window(
+        self, plan: DeployPlan, policy: AnalysisPolicy | None, series: MetricSeries, name: str
+    ) -> str:
+        if policy is None:
+            return f"{series.trades} fills; no gates to judge"
+        # The canary's judge on a gates-only policy: only hard gates count, nothing compares.
+        result: AnalysisResult = await self._activity(
+            "judge_canary",
+            JudgeRequest(policy=policy, baseline=MetricSeries(), canary=series),
+            AnalysisResult,
+            stage=Stage.MONITOR,
+        )
+        self._record(monitoring=[*self._draft.monitoring, result])
+        if result.verdict is Verdict.FAIL:
+            violated = "; ".join(g.reason for g in result.gates if g.verdict is Verdict.FAIL)
+            raise DeployFailed(
+                Stage.MONITOR, f"{plan.version_to} after promotion, {name}: {violated}"
             )
-            if not (health.healthy and health.version == plan.version_to):
-                self._mark(Stage.MONITOR, StepState.FAILED, health.detail)
-                raise DeployFailed(
-                    Stage.MONITOR, f"{plan.version_to} unhealthy after promotion: {health.detail}"
-                )
-            if workflow.now() >= deadline:
-                break
-            await workflow.sleep(HEALTH_POLL)
-        self._mark(Stage.MONITOR, StepState.DONE, f"{plan.version_to} healthy")
+        # NODATA or a gate without samples (nothing sent in the window) is no failure here.
+        return f"{series.trades} fills; {result.summary}"
+
+    async def _healthy_after_promotion(self, plan: DeployPlan) -> None:
+        health: HealthReport = await self._activity(
+            "check_health", HealthRequest(ref=plan.ref), HealthReport, stage=Stage.MONITOR
+        )
+        if not (health.healthy and health.version == plan.version_to):
+            raise DeployFailed(
+                Stage.MONITOR, f"{plan.version_to} unhealthy after promotion: {health.detail}"
+            )
 
     async def _retire_old(self, plan: DeployPlan) -> None:
         if plan.version_from is None:

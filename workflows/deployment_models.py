@@ -65,10 +65,21 @@ class DeployPlan(Model):
     approval_timeout_s: float = Field(default=3600.0, gt=0)
     monitor_s: float = Field(default=60.0, ge=0)
     """Post-promotion monitoring: health and hard gates on the new version alone."""
+    monitor_window_s: float = Field(default=10.0, gt=0)
+    """Monitoring judges the hard gates once per window this long (``monitor_s`` is split into
+    equal windows no longer than this): a fault that starts late is caught within a window."""
     retire_delay_s: float = Field(default=300.0, ge=0)
     """The old version stays warm this long after the handover (route-back is instant)."""
     health_timeout_s: float = Field(default=60.0, gt=0)
     timeouts: StepTimeouts = Field(default_factory=StepTimeouts)
+
+    def monitor_policy(self) -> AnalysisPolicy | None:
+        """The analysis policy's hard gates alone, for post-promotion monitoring: the old version
+        no longer trades, so there is no baseline to compare with and no trade minimum. None: the
+        runbook has no gates (monitoring checks health only)."""
+        if self.analysis is None or not self.analysis.gates:
+            return None
+        return AnalysisPolicy(gates=self.analysis.gates, min_trades=0)
 
 
 class Stage(StrEnum):
@@ -216,6 +227,9 @@ class DeployReport(Model):
     snapshot_id: str | None = None
     shadow: ShadowReport | None = None
     analyses: list[AnalysisResult] = Field(default_factory=list)
+    """The canary steps' analyses, in order."""
+    monitoring: list[AnalysisResult] = Field(default_factory=list)
+    """The hard gates judged on the promoted version, one per monitoring window."""
     approvals: list[str] = Field(default_factory=list)
     handover: HandoverResult | None = None
     rollback_workflow_id: str | None = None

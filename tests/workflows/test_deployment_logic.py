@@ -17,12 +17,14 @@ from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
+from activities.analysis import judge as judge_for_real
 from tests.helpers import assert_eventually, new_worker
 from tests.workflows.test_kill_switch_logic import FakeVenue
 from tests.workflows.test_rollback_logic import DB, REF, SNAPSHOT, FakeSystem, plan
 from workflows.analysis_models import (
     AnalysisPolicy,
     AnalysisResult,
+    HardGate,
     MetricPolicy,
     MetricSeries,
     Verdict,
@@ -65,8 +67,13 @@ from workflows.snapshot_models import SnapshotRecord, SnapshotRequest
 
 OLD, NEW = "1.3.0", "1.4.0"
 POLICY = AnalysisPolicy(
-    metrics=[MetricPolicy(name="order_latency_p99_s", direction="higher-is-worse")]
+    metrics=[MetricPolicy(name="order_latency_p99_s", direction="higher-is-worse")],
+    gates=[HardGate(metric="reject_rate", comparator="<", threshold=0.5)],
 )
+QUIET = {"order_latency_p99_s": [0.01] * 30, "reject_rate": [0.0] * 30}
+"""What every sample of either version shows unless a test says otherwise."""
+STORM = {"order_latency_p99_s": [0.01], "reject_rate": [0.0, 1.0, 1.0]}
+"""A monitoring window in which the promoted version starts storming the venue with rejects."""
 
 
 def deploy_plan(**overrides: object) -> DeployPlan:
@@ -101,6 +108,10 @@ class FakeRelease:
     verdicts: list[Verdict] = field(default_factory=lambda: [Verdict.PASS, Verdict.PASS])
     calls: list[str] = field(default_factory=list)
     current: str = OLD
+    after_promotion: list[dict[str, list[float]]] = field(default_factory=list)
+    """The promoted version's samples, one per monitoring window (then ``QUIET``)."""
+    sick_after_promotion: bool = False
+    """The promoted version answers unhealthy (the previous one, brought back, is fine)."""
 
     def activities(self) -> list[Any]:
         @activity.defn(name="plan_deploy")
@@ -137,10 +148,15 @@ class FakeRelease:
         @activity.defn(name="sample_metrics")
         async def sample(r: SampleRequest) -> MetricSeries:
             self.calls.append(f"sample:{r.version}")
-            return MetricSeries(version=r.version, values={"order_latency_p99_s": [0.01] * 30})
+            promoted = self.current == NEW and self.after_promotion
+            values = self.after_promotion.pop(0) if promoted else QUIET
+            return MetricSeries(version=r.version, values=values)
 
         @activity.defn(name="judge_canary")
         async def judge(r: JudgeRequest) -> AnalysisResult:
+            if not r.policy.metrics:  # monitoring: the real judge on the hard gates alone
+                self.calls.append(f"gates:{r.canary.version}")
+                return judge_for_real(r.policy, r.baseline, r.canary)
             self.calls.append(f"judge:{r.baseline.version}<>{r.canary.version}")
             return verdict(self.verdicts.pop(0))
 
@@ -167,11 +183,14 @@ class FakeRelease:
 
         @activity.defn(name="check_health")
         async def health(r: HealthRequest) -> HealthReport:
+            version = r.version or self.current
+            sick = self.sick_after_promotion and version == NEW and self.current == NEW
             return HealthReport(
                 ref=r.ref,
-                healthy=True,
+                healthy=not sick,
                 checked_at=datetime.now(UTC),
-                version=r.version or self.current,
+                version=version,
+                detail="loop stale for 9.0s" if sick else "",
             )
 
         @activity.defn(name="activate_version")
@@ -273,6 +292,8 @@ async def test_a_good_release_goes_through_every_stage_and_is_promoted(time_env)
         f"judge:{OLD}<>{NEW}",
         f"capital:{NEW}=1",
         f"promote:{NEW}",
+        f"sample:{NEW}",  # monitoring: one window of monitor_s (5 s), the gates alone judged
+        f"gates:{NEW}",
         f"retire:{OLD}",  # after the warm delay
     ]
     assert report.approvals == ["bob"] and report.snapshot_id == SNAPSHOT.id
@@ -285,6 +306,60 @@ async def test_a_good_release_goes_through_every_stage_and_is_promoted(time_env)
         "step 1: 5% of capital",
         "step 2: 25% of capital",
     ]
+    monitor = next(n for n in report.tree if n.name == Stage.MONITOR.value)
+    assert [(c.name, c.state) for c in monitor.children] == [("window 1/1: 5s", StepState.DONE)]
+    assert [a.verdict for a in report.monitoring] == [Verdict.PASS]
+
+
+async def test_a_gate_failing_after_promotion_rolls_back_to_the_warm_version(time_env) -> None:
+    # Good in the shadow and both canary steps; it starts storming in the second window.
+    release = FakeRelease(
+        deploy_plan(monitor_s=30, monitor_window_s=10), after_promotion=[QUIET, STORM]
+    )
+    async with Running(time_env, release) as handle:
+        await approve(handle, "bob")
+        report: DeployReport = await handle.result()
+        rollback = time_env.client.get_workflow_handle_for(
+            RollbackWorkflow.run, report.rollback_workflow_id
+        )
+        rolled = await rollback.result()
+    assert report.outcome is DeployOutcome.ROLLED_BACK, report.error
+    assert report.failed_stage is Stage.MONITOR
+    assert "window 2/3: 10s: gate reject_rate < 0.5 violated: 1.4.0 worst is 1" in report.error
+    assert [a.verdict for a in report.analyses] == [Verdict.PASS, Verdict.PASS]
+    assert [a.verdict for a in report.monitoring] == [Verdict.PASS, Verdict.FAIL]
+    assert rolled.outcome is RollbackOutcome.ROLLED_BACK, rolled.error
+    calls = release.calls
+    promoted = calls.index(f"promote:{NEW}")
+    assert calls[promoted + 1 : promoted + 5] == [f"sample:{NEW}", f"gates:{NEW}"] * 2
+    assert f"activate:{OLD}" in calls[promoted:]  # the rollback child brought it back
+    assert f"retire:{OLD}" not in calls  # it stayed warm: never retired
+    monitor = next(n for n in report.tree if n.name == Stage.MONITOR.value)
+    assert monitor.state is StepState.FAILED
+    assert [(c.name, c.state) for c in monitor.children] == [
+        ("window 1/3: 10s", StepState.DONE),
+        ("window 2/3: 10s", StepState.FAILED),
+    ]
+    states = {n.name: n.state for n in report.tree}
+    assert states[Stage.PROMOTE.value] is StepState.DONE
+    assert states[Stage.ROLLBACK.value] is StepState.DONE
+    assert states[Stage.RETIRE.value] is StepState.PENDING
+
+
+async def test_an_unhealthy_promoted_version_is_rolled_back_during_monitoring(time_env) -> None:
+    release = FakeRelease(deploy_plan(), sick_after_promotion=True)
+    async with Running(time_env, release) as handle:
+        await approve(handle, "bob")
+        report: DeployReport = await handle.result()
+        rollback = time_env.client.get_workflow_handle_for(
+            RollbackWorkflow.run, report.rollback_workflow_id
+        )
+        rolled = await rollback.result()
+    assert report.outcome is DeployOutcome.ROLLED_BACK, report.error
+    assert report.failed_stage is Stage.MONITOR
+    assert f"{NEW} unhealthy after promotion: loop stale for 9.0s" in report.error
+    assert rolled.outcome is RollbackOutcome.ROLLED_BACK, rolled.error
+    assert f"retire:{OLD}" not in release.calls
 
 
 async def test_a_failing_staging_check_stops_before_anything_reaches_production(
