@@ -121,6 +121,9 @@ class StagingCheck(StrEnum):
     """Integration battery against the staging venue: routing, cancels, position updates."""
     KILL_SWITCH = "kill-switch"
     """The kill switch triggered and verified on the staging account."""
+    RELEASE = "release"
+    """The release itself trades on staging for ``staging_bake_s``: health, decision speed,
+    resources, risk caps and reject rate, then reconciliation and persistence after its stop."""
 
 
 class DeployPolicy(_Config):
@@ -129,9 +132,22 @@ class DeployPolicy(_Config):
     staging_env: str | None = Field(default=None, pattern=NAME_PATTERN)
     """Environment whose runbook (same strategy) validates the release first; None: no staging."""
     checks: list[StagingCheck] = Field(default_factory=lambda: list(StagingCheck))
-    """Staging checks, in order (default: all five)."""
+    """Staging checks, in order (default: all four: feed, broker, kill-switch, release)."""
     check_symbols: list[str] = Field(default_factory=lambda: ["BTCUSDT"], min_length=1)
     """Venue symbols (exchange ids) the staging checks trade (default ``BTCUSDT``)."""
+    staging_bake_s: float = Field(default=20, gt=0, le=3600)
+    """How long the ``release`` check lets the release trade on staging (default 20 s)."""
+    staging_max_decision_p99_s: float = Field(default=0.5, gt=0, le=60)
+    """``release`` check: the release's p99 time to decide an order (its own
+    ``strategy_decision_seconds``, the venue's round trip excluded) must stay below (default
+    0.5 s)."""
+    staging_max_reject_rate: float = Field(default=0.05, ge=0, le=1)
+    """``release`` check: share of its orders the venue may reject (default 0.05)."""
+    staging_max_cpu_cores: float = Field(default=0.5, gt=0, le=64)
+    """``release`` check: CPU seconds per second of the bake the process may use, start-up
+    excluded (default 0.5 of a core)."""
+    staging_max_rss_mb: float = Field(default=512, gt=0, le=1_048_576)
+    """``release`` check: the process's peak resident memory (default 512 MiB)."""
     shadow_bake_s: int = Field(default=30, ge=0, le=86_400)
     """How long the new version decides beside the live one without sending (default 30)."""
     min_shadow_agreement: float = Field(default=0.9, ge=0, le=1)

@@ -10,6 +10,8 @@ environment trades on, through the same venue adapter as production:
   order closes it again (every step re-read from the venue);
 - ``kill-switch``: orders and a position are opened, then the kill switch's own activities
   (halt, cancel-all, flatten, verify) must leave the account with nothing open and flat.
+- ``release``: the release itself trades on staging for a bake window, measured and reconciled
+  (``staging_release.py``).
 
 A check that cannot tell (venue down) fails as an error and is retried once by the workflow; a
 check that measured a failure returns ``passed=False`` with the reason and the numbers. The
@@ -35,6 +37,7 @@ from activities.heartbeat import heartbeating
 from activities.kill import KillActivities, as_application_error
 from activities.rollback_plan import find_runbook
 from activities.runbooks import Runbook
+from activities.staging_release import ReleaseCheck, TargetFor, runbook_target
 from activities.venues import VenueGateway, VenueSession
 from workflows.deployment_models import CheckRequest, CheckResult
 from workflows.shared import (
@@ -62,7 +65,9 @@ class NotClean(Exception):
 
 
 class StagingChecks:
-    def __init__(self, runbooks_dir: Path, gateway: VenueGateway) -> None:
+    def __init__(
+        self, runbooks_dir: Path, gateway: VenueGateway, target_for: TargetFor = runbook_target
+    ) -> None:
         self.runbooks_dir = runbooks_dir
         self.gateway = gateway
         self.kill = KillActivities(gateway)
@@ -70,6 +75,7 @@ class StagingChecks:
             "feed": self.feed,
             "broker": self.broker,
             "kill-switch": self.kill_switch,
+            "release": ReleaseCheck(gateway, self.kill, target_for),
         }
 
     @activity.defn(name="staging_check")

@@ -75,6 +75,12 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
             registry=r,
         )
+        self.decision = Histogram(
+            "strategy_decision_seconds",
+            "Deciding one order: the decision and the model's think time, the venue excluded",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
         self.pnl = Gauge("strategy_pnl_usdt", "Realised plus unrealised P&L", registry=r)
         self.feed_staleness = Gauge(
             "strategy_feed_staleness_seconds", "Age of the last price", registry=r
@@ -647,7 +653,9 @@ class Strategy:
             return
         if state == TradingState.REDUCING:
             await self._cancel([o for o in self._open if not o["reduceOnly"]])
+        started = time.monotonic()
         decisions, stale = self._decide(state, mandate.capital, self._open)
+        thought_s = time.monotonic() - started
         await self._log_decisions(decisions, sent=True)
         await self._cancel(stale)
         lease = mandate.lease
@@ -655,7 +663,8 @@ class Strategy:
         # Every order runs to its end (sent and recorded) before an error of another surfaces.
         _raise_first(
             await asyncio.gather(
-                *(self._place(lease, *d) for d in decisions), return_exceptions=True
+                *(self._place(lease, *d, thought_s=thought_s) for d in decisions),
+                return_exceptions=True,
             )
         )
 
@@ -755,7 +764,9 @@ class Strategy:
         qty: Decimal,
         price: Decimal,
         reduce_only: bool,
+        thought_s: float = 0.0,
     ) -> None:
+        """Send one decided order; ``thought_s``: what deciding the loop's orders took."""
         decided = time.monotonic()
         if self.fault == Fault.LATENCY:
             # The slow "model"; a stop cuts it short (nothing is sent after it).
@@ -763,6 +774,7 @@ class Strategy:
                 await asyncio.wait_for(self._stopped.wait(), self.config.latency_fault_s)
         if self._stopping:
             return  # decided but not sent: nothing to record
+        self.metrics.decision.observe(thought_s + time.monotonic() - decided)
         cid = client_order_id(
             self.config.client_id_prefix, self.release.version, self.run_id, sym, side, self.loop_no
         )
