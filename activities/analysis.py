@@ -270,7 +270,7 @@ def _decide(
     if policy.metrics and not scored:
         return Verdict.NODATA, None, "NODATA: no metric has enough samples on both versions"
     if not policy.metrics and len(gates_without_data) == len(gates):
-        return Verdict.NODATA, None, "NODATA: no gate has canary samples"
+        return Verdict.NODATA, None, "NODATA: no gate has samples"
 
     failed = [m for m in metrics if m.verdict == Verdict.FAIL]
     failed_text = "; ".join(m.reason for m in failed)
@@ -296,10 +296,12 @@ def _decide(
             score,
             f"INCONCLUSIVE{score_text}: no data for {', '.join(missing)}",
         )
-    held = sum(1 for g in gates if g.verdict == Verdict.PASS)
+    held = f"{sum(1 for g in gates if g.verdict == Verdict.PASS)} gates hold"
+    if not policy.metrics:  # gates alone (post-promotion monitoring)
+        return Verdict.PASS, score, f"PASS: {held}"
     counted = f"{sum(1 for m in scored if m.verdict == Verdict.PASS)}/{len(scored)} metrics pass"
     tail = f"; {failed_text}" if failed_text else ""
-    return Verdict.PASS, score, f"PASS{score_text}: {counted}, {held} gates hold{tail}"
+    return Verdict.PASS, score, f"PASS{score_text}: {counted}, {held}{tail}"
 
 
 def _check_finite(series: MetricSeries, role: str) -> None:

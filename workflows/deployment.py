@@ -505,12 +505,19 @@ class DeployWorkflow:
             self._child(Stage.MONITOR, name, StepState.RUNNING, "sampling")
             try:
                 series = await self._watch(plan, window_s)
-                detail = await self._judge_window(plan, policy, series, name)
+                detail = await self._judge_window(policy, series)
             except DeployFailed as failure:
                 self._child(Stage.MONITOR, name, StepState.FAILED, str(failure))
-                raise
+                raise DeployFailed(
+                    Stage.MONITOR, f"{plan.version_to} after promotion, {name}: {failure}"
+                ) from None
             self._child(Stage.MONITOR, name, StepState.DONE, detail)
-        await self._healthy_after_promotion(plan)
+        try:
+            await self._healthy_after_promotion(plan)
+        except DeployFailed as failure:
+            raise DeployFailed(
+                Stage.MONITOR, f"{plan.version_to} after promotion, at the end: {failure}"
+            ) from None
         self._mark(Stage.MONITOR, StepState.DONE, f"{plan.version_to} healthy, no gate violated")
 
     async def _watch(self, plan: DeployPlan, window_s: float) -> MetricSeries:
@@ -531,9 +538,7 @@ class DeployWorkflow:
         finally:
             sampling.cancel()  # a no-op once it finished; else the window ends with a failure
 
-    async def _judge_window(
-        self, plan: DeployPlan, policy: AnalysisPolicy | None, series: MetricSeries, name: str
-    ) -> str:
+    async def _judge_window(self, policy: AnalysisPolicy | None, series: MetricSeries) -> str:
         if policy is None:
             return f"{series.trades} fills; no gates to judge"
         # The canary's judge on a gates-only policy: only hard gates count, nothing compares.
@@ -546,9 +551,7 @@ class DeployWorkflow:
         self._record(monitoring=[*self._draft.monitoring, result])
         if result.verdict is Verdict.FAIL:
             violated = "; ".join(g.reason for g in result.gates if g.verdict is Verdict.FAIL)
-            raise DeployFailed(
-                Stage.MONITOR, f"{plan.version_to} after promotion, {name}: {violated}"
-            )
+            raise DeployFailed(Stage.MONITOR, violated)
         # NODATA or a gate without samples (nothing sent in the window) is no failure here.
         return f"{series.trades} fills; {result.summary}"
 
@@ -557,9 +560,8 @@ class DeployWorkflow:
             "check_health", HealthRequest(ref=plan.ref), HealthReport, stage=Stage.MONITOR
         )
         if not (health.healthy and health.version == plan.version_to):
-            raise DeployFailed(
-                Stage.MONITOR, f"{plan.version_to} unhealthy after promotion: {health.detail}"
-            )
+            running = "" if health.version == plan.version_to else f" ({health.version} answers)"
+            raise DeployFailed(Stage.MONITOR, f"unhealthy{running}: {health.detail}")
 
     async def _retire_old(self, plan: DeployPlan) -> None:
         if plan.version_from is None:

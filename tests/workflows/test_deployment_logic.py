@@ -357,7 +357,7 @@ async def test_an_unhealthy_promoted_version_is_rolled_back_during_monitoring(ti
         rolled = await rollback.result()
     assert report.outcome is DeployOutcome.ROLLED_BACK, report.error
     assert report.failed_stage is Stage.MONITOR
-    assert f"{NEW} unhealthy after promotion: loop stale for 9.0s" in report.error
+    assert f"{NEW} after promotion, window 1/1: 5s: unhealthy: loop stale" in report.error
     assert rolled.outcome is RollbackOutcome.ROLLED_BACK, rolled.error
     assert f"retire:{OLD}" not in release.calls
 
