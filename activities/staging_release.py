@@ -55,6 +55,7 @@ from sandbox.strategy.state import (
     get_trading_state,
     missing_table,
     set_trading_state,
+    state_history,
 )
 from workflows.analysis_models import MetricsScrape
 from workflows.deployment_models import CheckRequest, CheckResult
@@ -130,7 +131,7 @@ class ReleaseCheck:
             if refusal:
                 return CheckResult(check="release", passed=False, detail=refusal)
             database = Database(db_target(runbook.database))
-            found = await _trading_state(database)
+            found = await _found_state(database)
             try:
                 return await self._run(runbook, target, config, database, request, progress)
             finally:
@@ -297,7 +298,7 @@ class ReleaseCheck:
             if time.monotonic() > deadline:
                 return len(mine)
             await self._look(venue, config, prefix, seen)
-            await asyncio.sleep(min(0.25, config.loop_interval_s))
+            await asyncio.sleep(config.loop_interval_s)  # one loop of the release
 
     async def _disagreements(self, runbook: Runbook, database: Database) -> list[str]:
         """What the database and the venue disagree on (``reconcile.py``'s comparison)."""
@@ -427,7 +428,7 @@ class ReleaseCheck:
 def _tag(request: CheckRequest) -> str:
     """Client-id prefix of the orders this check attempt sends (deterministic, per attempt)."""
     info = activity.info()
-    digest = hashlib.sha256(f"{info.workflow_id}/{request.check}".encode()).hexdigest()[:10]
+    digest = hashlib.sha256(f"{info.workflow_id}/{request.check}".encode()).hexdigest()[:8]
     return f"bgrel{digest}a{info.attempt}"
 
 
@@ -470,6 +471,7 @@ async def _scrape(target: DeployTarget, version: str) -> MetricsScrape:
 
 
 async def _trading_state(database: Database) -> TradingState | None:
+    """The trading state in force (None: a database the strategy never ran on)."""
     try:
         return (await asyncio.to_thread(get_trading_state, database)).state
     except Exception as e:
@@ -478,6 +480,28 @@ async def _trading_state(database: Database) -> TradingState | None:
         raise ApplicationError(
             f"state database: {type(e).__name__}", type="DatabaseError"
         ) from None
+
+
+async def _found_state(database: Database) -> TradingState | None:
+    """The trading state to leave staging in: the one in force, or, when this check set it last
+    (an attempt that did not finish), the one in force before the check's own changes."""
+    try:
+        record = await asyncio.to_thread(get_trading_state, database)
+        if record.changed_by != WHO:
+            return record.state
+        history = await asyncio.to_thread(state_history, database)
+    except Exception as e:
+        if missing_table(e):
+            return None
+        raise ApplicationError(
+            f"state database: {type(e).__name__}", type="DatabaseUnavailable"
+        ) from None
+    before = record.state
+    for _, from_state, _, who, _ in reversed(history):
+        if who != WHO:
+            break
+        before = TradingState(from_state) if from_state else before
+    return before
 
 
 async def _set_state(database: Database, state: TradingState, why: str) -> None:

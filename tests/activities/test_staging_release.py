@@ -14,24 +14,29 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import pytest_asyncio
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.runbooks import load_runbook
 from activities.staging_checks import StagingChecks
 from activities.staging_release import runbook_target
 from activities.targets import SupervisorTarget
+from activities.targets.base import DeployTarget, TargetError
 from sandbox.admin_client import SandboxAdmin
+from sandbox.admin_models import PositionSet
 from sandbox.strategy.config import Fault
 from sandbox.strategy.releases import build_release
 from sandbox.strategy.state import TradingState, get_trading_state
 from tests.fixtures.sandbox import SandboxHandle
 from tests.fixtures.venues import Rig, SandboxAccount, accounts_yaml
 from tests.sandbox.test_strategy import strategy_config
-from workflows.deploy_models import StrategyRef
+from workflows.deploy_models import StrategyRef, TargetView
 from workflows.deployment_models import CheckRequest, CheckResult
 
 pytestmark = pytest.mark.timeout(90)
@@ -115,9 +120,15 @@ deploy:
                 shutil.rmtree(base, ignore_errors=True)
 
 
-async def run_release_check(s: Staging, version: str) -> CheckResult:
+async def run_release_check(
+    s: Staging, version: str, target: DeployTarget | None = None
+) -> CheckResult:
+    """The check as the deployment runs it; ``target`` stands in for the staging target."""
     await s.rig.admin.reset_stats()  # a fresh per-minute weight budget, as if a minute passed
-    checks = StagingChecks(s.runbooks, s.rig.gateway())
+    if target is None:
+        checks = StagingChecks(s.runbooks, s.rig.gateway())
+    else:
+        checks = StagingChecks(s.runbooks, s.rig.gateway(), target_for=lambda _: target)
     env = ActivityEnvironment()
     # A workflow id per check, as a deployment has: the check's own client ids never repeat.
     env.info = dataclasses.replace(env.info, workflow_id=f"deploy/sample/prod/{version}")
@@ -171,3 +182,47 @@ async def test_a_faulty_release_fails_naming_the_measurement(
     await assert_left_as_found(staging)
     if reason != "exited":
         assert result.measurements[reason] > 0, result.measurements
+
+
+class LostSupervisor:
+    """The staging target, whose process view fails once the release trades (supervisord gone
+    mid-check): the check cannot tell, so it raises, and must still leave staging clean."""
+
+    def __init__(self, real: SupervisorTarget) -> None:
+        self.real = real
+        self.ref = real.ref
+        self.failed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    async def versions(self) -> TargetView:
+        if not self.failed:
+            self.failed = True
+            raise TargetError("supervisord did not answer")
+        return await self.real.versions()
+
+
+async def test_a_check_that_raises_still_leaves_staging_clean(staging: Staging) -> None:
+    target = LostSupervisor(staging.target)
+    with pytest.raises(ApplicationError, match="supervisord did not answer"):
+        await run_release_check(staging, "1.0.0", cast(DeployTarget, target))
+    assert target.failed
+    state = await staging.rig.admin.state(staging.api_key)
+    assert any(o.client_order_id.startswith("sg") for o in state.orders)  # it had traded
+    await assert_left_as_found(staging)
+
+
+async def test_a_dirty_staging_account_is_refused_and_left_alone(staging: Staging) -> None:
+    admin, key = staging.rig.admin, staging.api_key
+    await admin.set_positions(key, [PositionSet(symbol=SYMBOL, qty=Decimal("0.5"))])
+    before = len((await admin.state(key)).orders)
+    try:
+        result = await run_release_check(staging, "1.0.0")
+        assert not result.passed and "is not clean" in result.detail, result
+        state = await admin.state(key)
+        assert [(p.symbol, p.qty) for p in state.positions if p.qty] == [(SYMBOL, Decimal("0.5"))]
+        assert len(state.orders) == before  # nothing was sent
+        assert (await staging.target.versions()).processes == []  # nothing was started
+    finally:
+        await admin.set_positions(key, [PositionSet(symbol=SYMBOL, qty=Decimal(0))])
