@@ -136,7 +136,8 @@ class DeployPolicy(_Config):
     check_symbols: list[str] = Field(default_factory=lambda: ["BTCUSDT"], min_length=1)
     """Venue symbols (exchange ids) the staging checks trade (default ``BTCUSDT``)."""
     staging_bake_s: float = Field(default=20, gt=0, le=3600)
-    """How long the ``release`` check lets the release trade on staging (default 20 s)."""
+    """How long the ``release`` check lets the release trade on staging (default 20 s). This and
+    the ``staging_max_*`` limits are read from the staging env's runbook, where the check runs."""
     staging_max_decision_p99_s: float = Field(default=0.5, gt=0, le=60)
     """``release`` check: the release's p99 time to decide an order (its own
     ``strategy_decision_seconds``, the venue's round trip excluded) must stay below (default

@@ -384,6 +384,7 @@ class ReleaseCheck:
         venue), the trading state found written back. Raises when any of it is not so."""
         problems: list[str] = []
         stopped = False
+        database = Database(db_target(runbook.database))
         try:
             await _target_call(target, lambda t: _stop(t, version))
             stopped = version not in await target.running_versions()
@@ -391,12 +392,16 @@ class ReleaseCheck:
                 problems.append(f"{version} still runs on {runbook.ref}")
         except (ApplicationError, TargetError) as e:
             problems.append(f"stopping {version}: {e}")
+        if not stopped:
+            # It may still trade: HALTED makes it cancel and send nothing, and stays written.
+            try:
+                await _set_state(database, TradingState.HALTED, "the check could not stop it")
+            except Exception as e:
+                problems.append(f"halting {version}: {type(e).__name__}")
         for account in runbook.accounts:
             problems += await self._flat(account, tag)
-        if stopped and found is not None:
-            database = Database(db_target(runbook.database))
-            if await _trading_state(database) != found:
-                await _set_state(database, found, "staging check done: the state it found")
+        if stopped and found is not None and await _trading_state(database) != found:
+            await _set_state(database, found, "staging check done: the state it found")
         if problems:
             raise ApplicationError(
                 f"staging not left clean: {'; '.join(problems)}", type="StagingNotClean"

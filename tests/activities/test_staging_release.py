@@ -32,7 +32,7 @@ from sandbox.admin_client import SandboxAdmin
 from sandbox.admin_models import PositionSet
 from sandbox.strategy.config import Fault
 from sandbox.strategy.releases import build_release
-from sandbox.strategy.state import TradingState, get_trading_state
+from sandbox.strategy.state import TradingState, get_trading_state, set_trading_state
 from tests.fixtures.sandbox import SandboxHandle
 from tests.fixtures.venues import Rig, SandboxAccount, accounts_yaml
 from tests.sandbox.test_strategy import strategy_config
@@ -226,3 +226,31 @@ async def test_a_dirty_staging_account_is_refused_and_left_alone(staging: Stagin
         assert (await staging.target.versions()).processes == []  # nothing was started
     finally:
         await admin.set_positions(key, [PositionSet(symbol=SYMBOL, qty=Decimal(0))])
+
+
+class StuckSupervisor(LostSupervisor):
+    """The staging target, which cannot stop the release: the check halts it through its
+    database, cancels and flattens, and raises naming what it could not do."""
+
+    async def versions(self) -> TargetView:
+        return await self.real.versions()
+
+    async def retire(self, version: str, **_: Any) -> Any:
+        self.failed = True
+        raise TargetError("supervisord did not answer")
+
+
+async def test_a_release_that_cannot_be_stopped_is_halted_and_the_account_flattened(
+    staging: Staging,
+) -> None:
+    target = StuckSupervisor(staging.target)
+    try:
+        with pytest.raises(ApplicationError, match=r"staging not left clean: stopping 1\.0\.0"):
+            await run_release_check(staging, "1.0.0", cast(DeployTarget, target))
+        assert target.failed and await staging.target.running_versions() == ["1.0.0"]
+        assert get_trading_state(staging.database).state is TradingState.HALTED  # stays so
+        state = await staging.rig.admin.state(staging.api_key)
+        assert state.open_orders == [] and all(p.qty == 0 for p in state.positions), state
+    finally:
+        await staging.target.retire("1.0.0", reason="test cleanup")
+        set_trading_state(staging.database, TradingState.ACTIVE, "pytest", "test cleanup")
