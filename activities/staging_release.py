@@ -149,7 +149,7 @@ class ReleaseCheck:
         request: CheckRequest,
         progress: dict[str, object],
     ) -> CheckResult:
-        policy, version = runbook.deploy, request.version
+        version = request.version
         account = config.account if config.account in runbook.accounts else runbook.accounts[0]
         venue = await self._session(account)
         prefix = f"{config.client_id_prefix}-{version_tag(version)}-"
@@ -165,35 +165,10 @@ class ReleaseCheck:
         if exited is not None:
             return CheckResult(check="release", passed=False, detail=exited)
 
-        progress["phase"] = f"baking {policy.staging_bake_s:g}s"
-        pid = await _pid(target, version)
-        try:
-            cpu_before = _cpu_seconds(pid) if pid is not None else None
-        except FileNotFoundError:
-            cpu_before = None
-        if pid is None or cpu_before is None:
-            return CheckResult(check="release", passed=False, detail="exited: no live process")
-        baked = time.monotonic()
-        deadline = baked + policy.staging_bake_s
-        while time.monotonic() < deadline and seen.exited is None:
-            await asyncio.sleep(min(runbook.health.interval_s, deadline - time.monotonic()))
-            await self._probe(target, version, pid, seen)
-            await self._look(venue, config, prefix, seen)
-        bake_s = time.monotonic() - baked
-        numbers |= {"bake_s": round(bake_s, 3), "probes": seen.probes}
-        numbers["unhealthy_probes"] = len(seen.unhealthy)
-        if seen.exited is not None:
-            return CheckResult(
-                check="release", passed=False, detail=seen.exited, measurements=numbers
-            )
-        try:
-            cpu_s, rss_mb = _cpu_seconds(pid) - cpu_before, _peak_rss_mb(pid)
-        except FileNotFoundError:
-            detail = f"exited: process {pid} gone at the end of the bake"
-            return CheckResult(check="release", passed=False, detail=detail, measurements=numbers)
-        numbers |= {"cpu_s": round(cpu_s, 3), "cpu_cores": round(cpu_s / bake_s, 4)}
-        numbers["rss_peak_mb"] = round(rss_mb, 1)
-        numbers |= _trading_numbers(await _scrape(target, version))
+        progress["phase"] = f"baking {runbook.deploy.staging_bake_s:g}s"
+        failed = await self._bake(runbook, target, venue, config, version, prefix, seen, numbers)
+        if failed is not None:
+            return CheckResult(check="release", passed=False, detail=failed, measurements=numbers)
 
         progress["phase"] = "halting and stopping"
         await _set_state(database, TradingState.HALTED, f"staging check of {version}: stop")
@@ -220,13 +195,53 @@ class ReleaseCheck:
         if missing:
             problems.append(f"persistence: {'; '.join(missing[:3])}")
         detail = "; ".join(problems) or (
-            f"traded {bake_s:.0f}s: {numbers.get('orders_sent', 0):.0f} orders, decision p99 "
-            f"{numbers.get('decision_p99_s', 0) * 1000:.1f} ms, max order "
+            f"traded {numbers['bake_s']:.0f}s: {numbers.get('orders_sent', 0):.0f} orders, "
+            f"decision p99 {numbers.get('decision_p99_s', 0) * 1000:.1f} ms, max order "
             f"{seen.max_order:.0f}/{config.order_notional} USDT, reconciled"
         )
         return CheckResult(
             check="release", passed=not problems, detail=detail, measurements=numbers
         )
+
+    async def _bake(
+        self,
+        runbook: Runbook,
+        target: DeployTarget,
+        venue: VenueSession,
+        config: StrategyConfig,
+        version: str,
+        prefix: str,
+        seen: Seen,
+        numbers: dict[str, float],
+    ) -> str | None:
+        """Let the healthy release trade for the bake window, watching its health and what it
+        puts on the venue; then its resource use and its own metrics. Returns why it exited."""
+        pid = await _pid(target, version)
+        try:
+            cpu_before = _cpu_seconds(pid) if pid is not None else None
+        except FileNotFoundError:
+            cpu_before = None
+        if pid is None or cpu_before is None:
+            return "exited: no live process"
+        baked = time.monotonic()
+        deadline = baked + runbook.deploy.staging_bake_s
+        while time.monotonic() < deadline and seen.exited is None:
+            await asyncio.sleep(min(runbook.health.interval_s, deadline - time.monotonic()))
+            await self._probe(target, version, pid, seen)
+            await self._look(venue, config, prefix, seen)
+        bake_s = time.monotonic() - baked
+        numbers |= {"bake_s": round(bake_s, 3), "probes": seen.probes}
+        numbers["unhealthy_probes"] = len(seen.unhealthy)
+        if seen.exited is not None:
+            return seen.exited
+        try:
+            cpu_s, rss_mb = _cpu_seconds(pid) - cpu_before, _peak_rss_mb(pid)
+        except FileNotFoundError:
+            return f"exited: process {pid} gone at the end of the bake"
+        numbers |= {"cpu_s": round(cpu_s, 3), "cpu_cores": round(cpu_s / bake_s, 4)}
+        numbers["rss_peak_mb"] = round(rss_mb, 1)
+        numbers |= _trading_numbers(await _scrape(target, version))
+        return None
 
     async def _until_healthy(
         self, runbook: Runbook, target: DeployTarget, version: str
