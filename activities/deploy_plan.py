@@ -76,6 +76,7 @@ class DeployPlanner:
             quorum=runbook.quorum,
             approval_timeout_s=policy.approval_timeout_s,
             monitor_s=policy.monitor_s,
+            monitor_window_s=policy.monitor_window_s,
             retire_delay_s=policy.retire_delay_s,
             health_timeout_s=runbook.health.timeout_s,
             timeouts=runbook.timeouts,

@@ -166,6 +166,9 @@ class DeployPolicy(_Config):
     """Promotion approval wait; no answer means deny and roll back (default 3600)."""
     monitor_s: int = Field(default=60, ge=0, le=86_400)
     """Post-promotion monitoring of the new version alone (default 60)."""
+    monitor_window_s: int = Field(default=10, ge=1, le=3600)
+    """Monitoring is judged per window of this length: the analysis' hard gates on the new
+    version's metrics of that window, and its health every second (default 10)."""
     retire_delay_s: int = Field(default=300, ge=0, le=86_400)
     """The old version stays warm this long after the handover (default 300)."""
 

@@ -43,8 +43,8 @@ from activities.kill import KillActivities, as_application_error
 from activities.metrics_scrape import LATENCY, ORDERS, REJECTS, histogram_quantile
 from activities.reconcile import ReconcileActivities, _differences, _read_database
 from activities.runbooks import Runbook
-from activities.targets import build_target
 from activities.targets.base import DeployTarget, TargetError
+from activities.targets.registry import runbook_target
 from activities.trading_state import db_target
 from activities.venues import VenueGateway, VenueSession
 from sandbox.strategy.app import version_tag
@@ -76,14 +76,6 @@ MAX_LOOKUPS = 500
 """Orders looked up on the venue after the bake (the newest first)."""
 
 TargetFor = Callable[[Runbook], DeployTarget]
-
-
-def runbook_target(runbook: Runbook) -> DeployTarget:
-    """The deploy target a runbook describes (as ``worker.main.target_for`` builds it)."""
-    options = runbook.target.model_dump(exclude={"kind", "http_port"})
-    if runbook.target.http_port:
-        options["health_url"] = f"http://127.0.0.1:{runbook.target.http_port}{runbook.health.path}"
-    return build_target(runbook.target.kind, runbook.ref, options)
 
 
 @dataclass

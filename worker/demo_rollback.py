@@ -19,12 +19,12 @@ from activities.rollback_plan import find_runbook
 from activities.snapshot_catalog import SnapshotCatalog
 from activities.snapshots import SnapshotActivities
 from activities.targets.base import DeployTarget
+from activities.targets.registry import runbook_target
 from sandbox.admin_client import SandboxAdmin
 from sandbox.strategy.config import Fault, StrategyConfig
 from sandbox.strategy.releases import build_release
 from sandbox.strategy.state import set_trading_state
 from worker.cli_common import console
-from worker.main import target_for
 from worker.settings import Settings
 from workflows.snapshot_models import SnapshotRequest
 
@@ -54,7 +54,7 @@ def prepare(settings: Settings) -> tuple[DeployTarget, SnapshotActivities]:
     )
     target_options.strategy_config.parent.mkdir(parents=True, exist_ok=True)
     target_options.strategy_config.write_text(config.model_dump_json())
-    target = target_for(runbook)
+    target = runbook_target(runbook)
     store = settings.snapshots_dir()
     store.mkdir(parents=True, exist_ok=True)
     snapshots = SnapshotActivities(SnapshotCatalog(store / "catalog.sqlite"), store / "store")

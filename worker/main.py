@@ -26,13 +26,13 @@ from activities.lease import LeaseActivities
 from activities.notify import ConsoleNotifier, Notifier, NotifyActivities
 from activities.reconcile import ReconcileActivities
 from activities.rollback_plan import NOT_RUNBOOKS, RollbackPlanner
-from activities.runbooks import Runbook, load_runbook
+from activities.runbooks import load_runbook
 from activities.snapshot_catalog import SnapshotCatalog
 from activities.snapshots import SnapshotActivities
 from activities.staging_checks import StagingChecks
-from activities.targets import build_target
 from activities.targets.activities import TargetActivities
 from activities.targets.base import DeployTarget
+from activities.targets.registry import runbook_target
 from activities.trading_state import TradingStateActivities
 from activities.venues import VenueGateway
 from worker.process import exit_now
@@ -88,17 +88,8 @@ def deploy_targets(runbooks_dir: Path) -> dict[StrategyRef, DeployTarget]:
         except ConfigError as e:
             log.error("runbook left out: %s", e)
             continue
-        targets[runbook.ref] = target_for(runbook)
+        targets[runbook.ref] = runbook_target(runbook)
     return targets
-
-
-def target_for(runbook: Runbook) -> DeployTarget:
-    """The deploy target a runbook describes (the one place runbook fields become options)."""
-    options = runbook.target.model_dump(exclude={"kind", "http_port"})
-    if runbook.target.http_port:
-        path = runbook.health.path
-        options["health_url"] = f"http://127.0.0.1:{runbook.target.http_port}{path}"
-    return build_target(runbook.target.kind, runbook.ref, options)
 
 
 def rollback_activities(settings: Settings) -> list[Callable[..., Any]]:

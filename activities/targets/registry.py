@@ -4,10 +4,13 @@ workflows."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from activities.targets.base import DeployTarget
 from workflows.deploy_models import StrategyRef
+
+if TYPE_CHECKING:
+    from activities.runbooks import Runbook
 
 TargetFactory = Callable[[StrategyRef, Mapping[str, Any]], DeployTarget]
 TARGET_KINDS: dict[str, TargetFactory] = {}
@@ -31,3 +34,11 @@ def build_target(kind: str, ref: StrategyRef, options: Mapping[str, Any]) -> Dep
         known = ", ".join(sorted(TARGET_KINDS)) or "none"
         raise ValueError(f"unknown target kind {kind!r} (known: {known})") from None
     return factory(ref, options)
+
+
+def runbook_target(runbook: Runbook) -> DeployTarget:
+    """The deploy target a runbook describes (the one place runbook fields become options)."""
+    options = runbook.target.model_dump(exclude={"kind", "http_port"})
+    if runbook.target.http_port:
+        options["health_url"] = f"http://127.0.0.1:{runbook.target.http_port}{runbook.health.path}"
+    return build_target(runbook.target.kind, runbook.ref, options)

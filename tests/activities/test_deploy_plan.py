@@ -38,6 +38,7 @@ deploy:
     metrics: [{{name: order_latency_p99_s, direction: higher-is-worse}}]
     gates: [{{metric: reject_rate, comparator: "<=", threshold: 0.05}}]
   retire_delay_s: 600
+  monitor_window_s: 5
 """
 STAGING = """\
 strategy: momentum
@@ -82,6 +83,7 @@ async def test_the_plan_carries_the_runbook_policy_and_the_staging_env(tmp_path:
     assert plan.accounts == ["alpha-futures"]
     assert plan.analysis is not None and plan.analysis.gates[0].metric == "reject_rate"
     assert plan.approvers == ["bob", "carol"] and plan.retire_delay_s == 600
+    assert plan.monitor_window_s == 5
 
 
 async def test_a_missing_staging_runbook_is_refused(tmp_path: Path) -> None:
