@@ -14,11 +14,15 @@ from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
 from tests.helpers import new_worker
+from tests.workflows.test_deployment_logic import NEW, REF, FakeRelease, approve, deploy_plan
 from tests.workflows.test_kill_switch_logic import FakeVenue, long, request
 from tests.workflows.test_rollback_logic import FakeSystem, plan
 from worker.devstack import find_executable
 from worker.settings import Settings
 from worker.temporal_client import data_converter
+from workflows.analysis_models import Verdict
+from workflows.deployment import DeployWorkflow
+from workflows.deployment_models import DeployInput
 from workflows.kill_switch import KillSwitchWorkflow
 from workflows.rollback import RollbackWorkflow
 from workflows.rollback_models import RollbackInput
@@ -42,7 +46,16 @@ ROLLBACK_SCENARIOS = {
         plan(), disagree=["position BTCUSDT: database 0.004, venue 0"]
     ),
 }
-WORKFLOWS = [KillSwitchWorkflow, RollbackWorkflow]
+DEPLOY_SCENARIOS = {
+    # name: (the system, who approves the promotion; None: nobody is asked)
+    "deploy_promoted": (FakeRelease(deploy_plan()), "bob"),
+    "deploy_rejected_at_validate": (FakeRelease(deploy_plan(), failing_check="feed"), None),
+    "deploy_rolled_back_at_canary": (
+        FakeRelease(deploy_plan(), verdicts=[Verdict.PASS, Verdict.FAIL]),
+        None,
+    ),
+}
+WORKFLOWS = [KillSwitchWorkflow, RollbackWorkflow, DeployWorkflow]
 
 
 async def save(handle: WorkflowHandle, name: str) -> None:
@@ -75,6 +88,23 @@ async def record() -> None:
                     id=f"record-{name}",
                     task_queue=w.task_queue,
                 )
+                await save(handle, name)
+        for name, (release, approver) in DEPLOY_SCENARIOS.items():
+            async with new_worker(env.client, *WORKFLOWS, activities=release.activities()) as w:
+                handle = await env.client.start_workflow(
+                    DeployWorkflow.run,
+                    DeployInput(
+                        strategy=REF.strategy,
+                        env=REF.env,
+                        version=NEW,
+                        reason="recorded",
+                        requested_by="alice",
+                    ),
+                    id=f"record-{name}",
+                    task_queue=w.task_queue,
+                )
+                if approver is not None:
+                    await approve(handle, approver)
                 await save(handle, name)
 
 

@@ -1,5 +1,5 @@
-"""Recorded kill-switch and rollback histories must replay against today's workflow code: a
-change that reorders commands (non-determinism) fails here, in CI, not in a running kill."""
+"""Recorded kill-switch, rollback and deployment histories must replay against today's workflow
+code: a change that reorders commands (non-determinism) fails here, in CI, not in a running kill."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from temporalio.worker import Replayer
 
 from worker.settings import Settings
 from worker.temporal_client import data_converter
+from workflows.deployment import DeployWorkflow
 from workflows.kill_switch import KillSwitchWorkflow
 from workflows.rollback import RollbackWorkflow
 
@@ -21,7 +22,7 @@ open when a new worker starts) in sub-folders named after the change that follow
 
 
 def test_histories_are_recorded() -> None:
-    assert len(HISTORIES) >= 6, "run python -m tests.workflows.record_histories"
+    assert len(HISTORIES) >= 9, "run python -m tests.workflows.record_histories"
 
 
 @pytest.mark.parametrize("name", sorted(HISTORIES))
@@ -29,7 +30,7 @@ async def test_recorded_history_replays(name: str) -> None:
     path = HISTORIES[name]
     history = WorkflowHistory.from_json(f"record-{path.stem}", path.read_text())  # ids matter
     replayer = Replayer(
-        workflows=[KillSwitchWorkflow, RollbackWorkflow],
+        workflows=[KillSwitchWorkflow, RollbackWorkflow, DeployWorkflow],
         data_converter=data_converter(Settings(payload_key=None)),
     )
     await replayer.replay_workflow(history)
