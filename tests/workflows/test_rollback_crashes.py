@@ -8,7 +8,7 @@ The worker is ``tests.workflows.crash_worker``: the real worker, which SIGKILLs 
 every activity type of the rollback, at the start, in the middle (after the activity's first
 effect outside the worker: a venue order or cancel answered, a supervisord change, a database
 write committed, a restore written but not verified) or at the end (done, result not reported).
-One rollback per phase, so each dies twelve times.
+One rollback per phase, so each dies twelve times; the three run at once.
 """
 
 from __future__ import annotations
@@ -242,22 +242,18 @@ async def run_with_restarts(
         result.cancel()
 
 
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("phase", PHASES)
-async def test_worker_killed_in_every_step_of_the_rollback_still_rolls_back(
-    dev_env: WorkflowEnvironment,
+async def crash_every_step(
+    client: Client,
     sandbox_admin: SandboxAdmin,
     rollback_scenario: Scenarios,
-    tmp_path: Path,
+    folder: Path,
     phase: str,
 ) -> None:
-    """One rollback, the worker SIGKILLed once in every activity type it runs — at the start,
-    in the middle (after its first outside effect) or at the end (result not yet reported) —
-    and restarted each time (``tests.workflows.crash_worker``)."""
-    client = dev_env.client
+    """One rollback, the worker SIGKILLed once in every activity type it runs at ``phase`` and
+    restarted each time; then the invariants, and every killed attempt retried."""
     address = client.service_client.config.target_host
-    task_queue = fresh_id("tq-rb-matrix")
-    log, ledger = tmp_path / "worker.log", tmp_path / "crashes.ledger"
+    task_queue = fresh_id(f"tq-rb-{phase}")
+    log, ledger = folder / f"worker-{phase}.log", folder / f"crashes-{phase}.ledger"
     cues = ",".join(f"{name}:{phase}" for name in ROLLBACK_ACTIVITIES)
     handle: WorkflowHandle | None = None
 
@@ -277,7 +273,7 @@ async def test_worker_killed_in_every_step_of_the_rollback_still_rolls_back(
             handle = await client.start_workflow(
                 RollbackWorkflow.run,
                 rollback_input(s),
-                id=fresh_id("rollback-matrix"),
+                id=fresh_id(f"rollback-{phase}"),
                 task_queue=task_queue,
             )
             report = await run_with_restarts(s, handle, lambda: start(s), ledger)
@@ -296,13 +292,33 @@ async def test_worker_killed_in_every_step_of_the_rollback_still_rolls_back(
                 history = await client.get_workflow_handle(workflow_id).fetch_history()
                 retried |= set(retried_activities(history))
             local = {"halt_account", "snapshot_venue_state"}
-            assert retried >= set(ROLLBACK_ACTIVITIES) - local, retried
+            assert retried >= set(ROLLBACK_ACTIVITIES) - local, (phase, retried)
         finally:
             for proc in s.workers:
                 kill_group(proc)
             if handle is not None:
                 with contextlib.suppress(Exception):
                     await handle.terminate("test cleanup")
+
+
+@pytest.mark.timeout(300)
+async def test_worker_killed_in_every_step_of_the_rollback_still_rolls_back(
+    dev_env: WorkflowEnvironment,
+    sandbox_admin: SandboxAdmin,
+    rollback_scenario: Scenarios,
+    tmp_path: Path,
+) -> None:
+    """Three rollbacks of three systems at once, one per phase — the worker of each SIGKILLed
+    once in every activity type it runs, at the start, in the middle (after its first outside
+    effect) or at the end (result not yet reported), and restarted each time
+    (``tests.workflows.crash_worker``). At once: each mostly waits for its dead worker to be
+    noticed, and the suite has a time budget."""
+    await asyncio.gather(
+        *(
+            crash_every_step(dev_env.client, sandbox_admin, rollback_scenario, tmp_path, phase)
+            for phase in PHASES
+        )
+    )
 
 
 async def test_dev_server_restarted_mid_flatten_rollback_completes(
