@@ -1,5 +1,6 @@
-"""DeployWorkflow's staging validation end to end: a release that orders twenty times its cap is
-stopped by the staging ``release`` check before anything reaches production. The real parts as in
+"""DeployWorkflow's staging validation end to end: a release that orders twenty times its cap, one
+whose every order is rejected and one that crash-loops are each stopped by the staging
+``release`` check before anything reaches production. The real parts as in
 ``test_deployment_sandbox``: the Temporal dev server, an in-process worker wired like
 ``worker.main``, supervisord targets for prod and for staging, the sandbox exchange."""
 
@@ -13,7 +14,7 @@ import pytest
 from temporalio.client import Client
 
 from activities.runbooks import load_runbook
-from activities.staging_release import runbook_target
+from activities.targets.registry import runbook_target
 from sandbox.admin_client import SandboxAdmin
 from sandbox.strategy.app import version_tag
 from sandbox.strategy.config import Fault
@@ -75,7 +76,19 @@ deploy: {{check_symbols: [{SYMBOL}], staging_bake_s: 3}}
     return account, runbook
 
 
-async def test_an_oversized_release_is_rejected_in_staging_before_prod(
+@pytest.mark.parametrize(
+    ("fault", "reason", "measured"),
+    [
+        (Fault.OVERSIZED, "max_order_notional", ("max_order_notional", 1000.0)),
+        (Fault.REJECT_STORM, "reject_rate", ("reject_rate", 0.5)),
+        (Fault.CRASH_LOOP, "exited", None),
+    ],
+    ids=lambda v: v.value if isinstance(v, Fault) else None,
+)
+async def test_a_faulty_release_is_rejected_in_staging_before_prod(
+    fault: Fault,
+    reason: str,
+    measured: tuple[str, float] | None,
     client: Client,
     sandbox: SandboxHandle,
     sandbox_admin: SandboxAdmin,
@@ -87,7 +100,7 @@ async def test_an_oversized_release_is_rejected_in_staging_before_prod(
     async with rollback_scenario(deploy=validated) as s:
         account, staging_runbook = await add_staging(s, sandbox, env, monkeypatch)
         staging_target = runbook_target(load_runbook(staging_runbook))
-        build_release(s.base / "r", "sample", BIG, Fault.OVERSIZED)
+        build_release(s.base / "r", "sample", BIG, fault)
         try:
             async with s.worker(client) as worker:
                 handle = await deploy(client, worker.task_queue, s, BIG)
@@ -95,9 +108,12 @@ async def test_an_oversized_release_is_rejected_in_staging_before_prod(
             tree = "\n".join(f"{n.name} {n.state.value} {n.detail}" for n in report.tree)
             assert report.outcome is DeployOutcome.REJECTED, f"{report.error}\n{tree}"
             assert report.failed_stage is Stage.VALIDATE, tree
-            assert "staging check release failed: max_order_notional" in report.error, tree
+            assert f"staging check release failed: {reason}" in report.error, tree
             (check,) = report.checks
-            assert not check.passed and check.measurements["max_order_notional"] > 1000, check
+            assert not check.passed, check
+            if measured is not None:  # the number that failed it is in the report
+                name, above = measured
+                assert check.measurements[name] > above, check
             assert stages(report)[Stage.SHADOW.value] is not StepState.DONE, tree
 
             # Nothing reached prod: 1.0.0 runs alone, current, and alone trades the account.
@@ -111,7 +127,8 @@ async def test_an_oversized_release_is_rejected_in_staging_before_prod(
 
             # Staging as it was found: the release stopped and gone, the account flat.
             staged = await sandbox_admin.state(account.api_key)
-            assert staged.orders  # the release traded there
+            if fault is Fault.OVERSIZED:
+                assert staged.orders  # the release traded there
             assert staged.open_orders == [] and all(p.qty == 0 for p in staged.positions)
             assert (await staging_target.versions()).running == []
             print(f"\n{tree}")
