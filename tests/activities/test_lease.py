@@ -71,12 +71,12 @@ def test_an_intent_is_recorded_only_under_the_epoch_it_was_decided_in(
     assert lease.changes(db, "acct") == [(None, 1, OLD), (1, 2, None), (2, 3, NEW)]
 
 
-async def play_old_version(db: Database, account: str, stop: asyncio.Event) -> None:
-    """What the old version's loop does: acknowledge the epoch it sees, whoever holds it."""
+async def play_version(db: Database, account: str, stop: asyncio.Event, version: str = OLD) -> None:
+    """What a running version's loop does: acknowledge the epoch it sees, whoever holds it."""
     while not stop.is_set():
         current = await asyncio.to_thread(lease.read_lease, db, account)
         if current is not None:
-            await asyncio.to_thread(lease.acknowledge, db, account, OLD, current.epoch)
+            await asyncio.to_thread(lease.acknowledge, db, account, version, current.epoch)
         await asyncio.sleep(0.05)
 
 
@@ -103,7 +103,8 @@ async def test_handover_fences_cancels_the_old_orders_and_grants_the_new_version
     )
     acts = LeaseActivities(rig.gateway())
     stop = asyncio.Event()
-    old = asyncio.create_task(play_old_version(db, account.futures, stop))
+    old = asyncio.create_task(play_version(db, account.futures, stop))
+    new = asyncio.create_task(play_version(db, account.futures, stop, NEW))
     request = HandoverRequest(
         ref=StrategyRef(strategy="sample", env="t"),
         database=ref,
@@ -115,18 +116,32 @@ async def test_handover_fences_cancels_the_old_orders_and_grants_the_new_version
     try:
         result = await ActivityEnvironment().run(acts.handover, request)
         again = await ActivityEnvironment().run(acts.handover, request)  # a retry: nothing new
+        # Route-back is the same handover in reverse: the warm old version trades again.
+        back = await ActivityEnvironment().run(
+            acts.handover,
+            request.model_copy(update={"from_version": NEW, "to_version": OLD}),
+        )
     finally:
         stop.set()
-        await old
+        await asyncio.gather(old, new)
         await acts.kill.gateway.close()
     assert (result.holder, result.orders_cancelled) == (NEW, 3)
     assert again.epoch == result.epoch and again.orders_cancelled == 0
     assert (await rig.admin.state(account.api_key)).open_orders == []
     steps = lease.changes(db, account.futures)
-    # reduce (same epoch), fence (nobody), grant (the new version): never two holders.
-    assert [(to, holder) for _, to, holder in steps] == [(1, OLD), (1, OLD), (2, None), (3, NEW)]
+    # reduce (same epoch), fence (nobody), grant (the new version), and back: never two holders.
+    assert [(to, holder) for _, to, holder in steps] == [
+        (1, OLD),
+        (1, OLD),
+        (2, None),
+        (3, NEW),
+        (3, NEW),
+        (4, None),
+        (5, OLD),
+    ]
+    assert (back.holder, back.epoch) == (OLD, 5)
     current = lease.read_lease(db, account.futures)
-    assert current is not None and current.holder == NEW
+    assert current is not None and current.holder == OLD
 
 
 async def test_without_the_old_versions_ack_the_lease_stays_fenced(
