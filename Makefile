@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-## demo: start the embedded stack, seed the sandbox, run the kill switch through Temporal
+## demo: the embedded stack; the kill switch, a rollback and a deployment through Temporal
 demo: $(STAMP)
 	$(BIN)/python -m worker.demo
 

@@ -21,6 +21,7 @@ from sandbox.admin_client import AdminError, SandboxAdmin
 from sandbox.seed import BookSpec, SeedAccount, seed_book
 from worker import devstack
 from worker.cli_common import console, err_console
+from worker.demo_deploy import run_deploy
 from worker.demo_rollback import run_rollback
 from worker.process import exit_now
 from worker.settings import Settings
@@ -133,13 +134,14 @@ async def run(settings: Settings) -> int:
         console.print("[bold]4. checked on the venue[/bold]")
         console.print(await venue_view(admin, credentials))
         rollback_code = await run_rollback(settings, admin)
+        deploy_code = await run_deploy(settings) if not rollback_code else 0
     finally:
         await admin.close()
     console.print(
         f"Temporal UI: {settings.ui_url_for(kill_workflow_id(KILL_ACCOUNTS))}\n"
         "The stack keeps running for inspection; stop it with: breakglass dev down"
     )
-    return code or rollback_code
+    return code or rollback_code or deploy_code
 
 
 def main() -> None:

@@ -2,8 +2,9 @@
 release replaces it and storms the venue with rejected orders, and ``breakglass rollback`` brings
 the good one back through Temporal.
 
-The deploy itself is done here directly on the deploy target (what ``breakglass deploy`` will do
-as a workflow); everything after "the release misbehaves" is the real saga.
+These two deploys are done here directly on the deploy target (the trading lease handed to each
+version as it starts, since only one runs); everything after "the release misbehaves" is the
+real saga. ``worker.demo_deploy`` then shows a deployment as ``breakglass deploy`` runs it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from activities.snapshots import SnapshotActivities
 from activities.targets.base import DeployTarget
 from activities.targets.registry import runbook_target
 from sandbox.admin_client import SandboxAdmin
+from sandbox.strategy import lease
 from sandbox.strategy.config import Fault, StrategyConfig
 from sandbox.strategy.releases import build_release
 from sandbox.strategy.state import set_trading_state
@@ -29,19 +31,22 @@ from worker.settings import Settings
 from workflows.snapshot_models import SnapshotRequest
 
 STRATEGY, ENV = "sample", "demo"
-GOOD, FAULTY = "1.0.0", "1.1.0"
+GOOD, FAULTY, NEXT = "1.0.0", "1.1.0", "1.2.0"
+ACCOUNT = "alpha-futures"
+"""The runbook's account: the key of the strategy's trading lease."""
 
 
 def prepare(settings: Settings) -> tuple[DeployTarget, SnapshotActivities]:
     runbook = find_runbook(settings.runbooks_dir, STRATEGY, ENV)
     target_options = runbook.target
-    for version, fault in ((GOOD, Fault.NONE), (FAULTY, Fault.REJECT_STORM)):
+    for version, fault in ((GOOD, Fault.NONE), (FAULTY, Fault.REJECT_STORM), (NEXT, Fault.NONE)):
         build_release(target_options.releases_root, STRATEGY, version, fault)  # idempotent
     config = StrategyConfig(
         exchange_address=f"127.0.0.1:{settings.dev_sandbox_port}",
         ca_file=settings.sandbox_ca().resolve(),
         api_key_env="BG_ALPHA_FUTURES_KEY",
         secret_env="BG_ALPHA_FUTURES_SECRET",
+        account=ACCOUNT,
         db=str(runbook.database.path),
         port_file=target_options.port_file,
         symbols=["ETHUSDT"],
@@ -78,7 +83,9 @@ async def run_rollback(settings: Settings, admin: SandboxAdmin) -> int:
     target, snapshots = prepare(settings)
     console.print(f"[bold]5. deploy {GOOD}[/bold] (good release) and snapshot its state")
     # A deploy starts trading (an earlier demo run may have left the database HALTED).
-    set_trading_state(str(runbook.database.path), "ACTIVE", "demo", f"deploy {GOOD}")
+    db = str(runbook.database.path)
+    set_trading_state(db, "ACTIVE", "demo", f"deploy {GOOD}")
+    lease.grant(db, ACCOUNT, GOOD, "demo", f"deploy {GOOD}")
     await target.activate(GOOD, requested_by="demo", reason="demo: the good release")
     await wait_healthy(target, GOOD)
     await asyncio.sleep(2)  # let it quote and keep some state
@@ -98,6 +105,7 @@ async def run_rollback(settings: Settings, admin: SandboxAdmin) -> int:
     )
     console.print(f"[bold]6. deploy {FAULTY}[/bold]: a faulty release (reject storm)")
     rejected = (await admin.stats()).requests_by_status.get("400", 0)
+    lease.grant(db, ACCOUNT, FAULTY, "demo", f"deploy {FAULTY}")  # 1.0.0 stops as it starts
     await target.activate(FAULTY, requested_by="demo", reason="demo: the faulty release")
     await wait_healthy(target, FAULTY)
     await asyncio.sleep(8)
