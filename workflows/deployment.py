@@ -51,6 +51,7 @@ with workflow.unsafe.imports_passed_through():
         Stage,
         StageNode,
     )
+    from workflows.failures import failure_message
     from workflows.rollback import RollbackWorkflow
     from workflows.rollback_models import (
         ApprovalDecision,
@@ -82,13 +83,6 @@ class DeployFailed(Exception):
     def __init__(self, stage: Stage, message: str) -> None:
         super().__init__(message)
         self.stage = stage
-
-
-def _message(error: BaseException) -> str:
-    cause: BaseException | None = error
-    while isinstance(cause, ActivityError | ChildWorkflowError) and cause.cause is not None:
-        cause = cause.cause
-    return cause.message if isinstance(cause, ApplicationError) else str(cause)
 
 
 @workflow.defn(name="Deploy")
@@ -257,7 +251,7 @@ class DeployWorkflow:
                     retry_policy=CHECK_RETRY,
                 )
             except (ActivityError, ApplicationError) as e:
-                result = CheckResult(check=check, passed=False, detail=_message(e))
+                result = CheckResult(check=check, passed=False, detail=failure_message(e))
             results.append(result)
             self._record(checks=results)
             state = StepState.DONE if result.passed else StepState.FAILED
@@ -647,11 +641,11 @@ class DeployWorkflow:
                 execution_timeout=timedelta(hours=6),
             )
         except ChildWorkflowError as e:
-            self._mark(Stage.ROLLBACK, StepState.FAILED, _message(e))
+            self._mark(Stage.ROLLBACK, StepState.FAILED, failure_message(e))
             self._record(
                 outcome=DeployOutcome.ROLLBACK_FAILED,
                 failed_stage=failure.stage,
-                error=f"{failure} | rollback failed: {_message(e)}",
+                error=f"{failure} | rollback failed: {failure_message(e)}",
             )
             return
         ok = rolled.outcome is RollbackOutcome.ROLLED_BACK
@@ -695,7 +689,7 @@ class DeployWorkflow:
             try:
                 return await call
             except (ActivityError, ApplicationError) as e:
-                raise DeployFailed(stage, f"{name}: {_message(e)}") from None
+                raise DeployFailed(stage, f"{name}: {failure_message(e)}") from None
 
         return failing_as_stage()
 
@@ -706,7 +700,7 @@ class DeployWorkflow:
         try:
             result = await call
         except (ActivityError, ApplicationError) as e:
-            raise DeployFailed(stage, _message(e)) from None
+            raise DeployFailed(stage, failure_message(e)) from None
         self._mark(stage, StepState.DONE, describe(result))
         return result
 
@@ -784,4 +778,4 @@ class DeployWorkflow:
             )
             self._mark(Stage.NOTIFY, StepState.DONE)
         except ActivityError as e:
-            self._mark(Stage.NOTIFY, StepState.FAILED, _message(e))
+            self._mark(Stage.NOTIFY, StepState.FAILED, failure_message(e))

@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
         StopRequest,
         StopResult,
     )
+    from workflows.failures import failure_message
     from workflows.kill_switch import KillSwitchWorkflow
     from workflows.rollback_models import (
         ApprovalDecision,
@@ -79,13 +80,6 @@ class StepFailed(Exception):
     def __init__(self, step: RollbackStep, message: str) -> None:
         super().__init__(message)
         self.step = step
-
-
-def _message(error: BaseException) -> str:
-    cause: BaseException | None = error
-    while isinstance(cause, ActivityError | ChildWorkflowError) and cause.cause is not None:
-        cause = cause.cause
-    return cause.message if isinstance(cause, ApplicationError) else str(cause)
 
 
 @workflow.defn(name="Rollback")
@@ -432,7 +426,7 @@ class RollbackWorkflow:
                 try:
                     await call
                 except (ActivityError, ApplicationError) as e:
-                    notes.append(f"{name} failed too: {_message(e)}")
+                    notes.append(f"{name} failed too: {failure_message(e)}")
             # Cancelling again is harmless and guarantees "no orders" whatever step failed.
             try:
                 kill = await self._kill(
@@ -473,8 +467,8 @@ class RollbackWorkflow:
         try:
             result = await call
         except (ActivityError, ChildWorkflowError, ApplicationError) as e:
-            self._mark(step, StepState.FAILED, _message(e))
-            raise StepFailed(step, _message(e)) from None
+            self._mark(step, StepState.FAILED, failure_message(e))
+            raise StepFailed(step, failure_message(e)) from None
         self._mark(step, StepState.DONE, describe(result))
         return result
 
@@ -526,4 +520,4 @@ class RollbackWorkflow:
             )
             self._mark(RollbackStep.NOTIFY, StepState.DONE)
         except ActivityError as e:
-            self._mark(RollbackStep.NOTIFY, StepState.FAILED, _message(e))
+            self._mark(RollbackStep.NOTIFY, StepState.FAILED, failure_message(e))
