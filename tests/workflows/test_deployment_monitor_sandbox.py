@@ -11,25 +11,19 @@ from temporalio.client import Client
 
 from sandbox.admin_client import SandboxAdmin
 from sandbox.admin_models import PositionSet
-from sandbox.strategy import lease
-from sandbox.strategy.app import version_tag
 from sandbox.strategy.config import Fault, StrategyConfig
 from sandbox.strategy.releases import build_release
-from tests.fixtures.rollback import GOOD, HELD, HELD_QTY, Scenarios, healthy
+from tests.fixtures.rollback import HELD, HELD_QTY, Scenarios
 from tests.helpers import assert_eventually
 from tests.workflows.test_deployment_sandbox import (
-    assert_one_version_at_a_time,
+    assert_rolled_back_to_good,
     deploy,
-    prefix_of,
-    quoting,
-    spans,
     stages,
 )
 from workflows.analysis_models import Verdict
 from workflows.deployment import DeployWorkflow
 from workflows.deployment_models import DeployOutcome, DeployReport, Stage
-from workflows.rollback import RollbackWorkflow
-from workflows.rollback_models import ApprovalDecision, RollbackOutcome
+from workflows.rollback_models import ApprovalDecision
 from workflows.shared import StepState
 
 pytestmark = pytest.mark.timeout(120)
@@ -96,29 +90,9 @@ async def test_a_release_failing_after_promotion_is_caught_by_monitoring_and_rol
         monitor = next(n for n in report.tree if n.name == Stage.MONITOR.value)
         assert monitor.children[-1].state is StepState.FAILED, tree
 
-        assert report.rollback_workflow_id is not None
-        rollback = client.get_workflow_handle_for(RollbackWorkflow.run, report.rollback_workflow_id)
-        rolled = await rollback.result()
-        assert rolled.outcome is RollbackOutcome.ROLLED_BACK, rolled.error
-        assert (rolled.version_from, rolled.version_to) == (LATE, GOOD), rolled
-
-        # 1.0.0 runs alone again, on the restored database (no lease row: it sends alone).
-        assert await s.target.running_versions() == [GOOD]
-        assert await s.target.current() == GOOD
-        await healthy(s.target, GOOD)
-        assert lease.read_lease(s.strategy_db, s.account.futures) is None
-        await assert_eventually(lambda: quoting(sandbox_admin, s, GOOD), timeout=10)
-
-        after = await sandbox_admin.state(s.api_key)
-        prefix = prefix_of(s)
-        late = f"{prefix}-{version_tag(LATE)}-"
-        assert [o for o in after.open_orders if o.client_order_id.startswith(late)] == []
-        assert any(o.client_order_id.startswith(late) for o in after.orders)  # it did trade
-        (held,) = [p for p in after.positions if p.symbol == HELD]
-        assert held.qty == 0 and not held.flipped, held
-        found = spans(after, prefix)
-        assert {x.version for x in found} == {GOOD, LATE}
-        evidence = assert_one_version_at_a_time(found)
+        evidence = await assert_rolled_back_to_good(
+            client, sandbox_admin, s, report, bad=LATE, rolled_from=LATE
+        )
         by_name = {n.name: n for n in report.tree}
         started = by_name[Stage.SHADOW.value].started_at
         assert started is not None

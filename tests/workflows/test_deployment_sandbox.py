@@ -117,6 +117,40 @@ async def deploy(
     )
 
 
+async def assert_rolled_back_to_good(
+    client: Client,
+    sandbox_admin: SandboxAdmin,
+    s: RollbackScenario,
+    report: DeployReport,
+    bad: str,
+    rolled_from: str,
+) -> str:
+    """The deploy's rollback child brought 1.0.0 back alone on the restored database; nothing of
+    ``bad`` is open, the position was closed and never flipped, and the venue's own records show
+    one version at a time. Returns that evidence."""
+    assert report.rollback_workflow_id is not None
+    rollback = client.get_workflow_handle_for(RollbackWorkflow.run, report.rollback_workflow_id)
+    rolled = await rollback.result()
+    assert rolled.outcome is RollbackOutcome.ROLLED_BACK, rolled.error
+    assert (rolled.version_from, rolled.version_to) == (rolled_from, GOOD), rolled
+    # 1.0.0 runs alone again, on the restored database (no lease row: it sends alone).
+    assert await s.target.running_versions() == [GOOD]
+    assert await s.target.current() == GOOD
+    await healthy(s.target, GOOD)
+    assert lease.read_lease(s.strategy_db, s.account.futures) is None
+    await assert_eventually(lambda: quoting(sandbox_admin, s, GOOD), timeout=10)
+    after = await sandbox_admin.state(s.api_key)
+    prefix = prefix_of(s)
+    tag = f"{prefix}-{version_tag(bad)}-"
+    assert [o for o in after.open_orders if o.client_order_id.startswith(tag)] == []
+    assert any(o.client_order_id.startswith(tag) for o in after.orders)  # it did trade
+    (held,) = [p for p in after.positions if p.symbol == HELD]
+    assert held.qty == 0 and not held.flipped, held
+    found = spans(after, prefix)
+    assert {x.version for x in found} == {GOOD, bad}
+    return assert_one_version_at_a_time(found)
+
+
 def stages(report: DeployReport) -> dict[str, StepState]:
     return {n.name: n.state for n in report.tree}
 
@@ -181,27 +215,7 @@ async def test_a_slow_release_is_caught_by_the_canary_and_rolled_back(
         assert report.failed_stage is Stage.CANARY, tree
         assert [a.verdict for a in report.analyses] == [Verdict.FAIL], report.analyses
         assert "order_latency_p99_s" in report.error
-        assert report.rollback_workflow_id is not None
-        rollback = client.get_workflow_handle_for(RollbackWorkflow.run, report.rollback_workflow_id)
-        rolled = await rollback.result()
-        assert rolled.outcome is RollbackOutcome.ROLLED_BACK, rolled.error
-        assert (rolled.version_from, rolled.version_to) == (GOOD, GOOD), rolled
-
-        # 1.0.0 runs alone again, on the restored database (no lease row: it sends alone).
-        assert await s.target.running_versions() == [GOOD]
-        assert await s.target.current() == GOOD
-        await healthy(s.target, GOOD)
-        assert lease.read_lease(s.strategy_db, s.account.futures) is None
-        await assert_eventually(lambda: quoting(sandbox_admin, s, GOOD), timeout=10)
-
-        after = await sandbox_admin.state(s.api_key)
-        prefix = prefix_of(s)
-        slow = f"{prefix}-{version_tag(SLOW)}-"
-        assert [o for o in after.open_orders if o.client_order_id.startswith(slow)] == []
-        assert any(o.client_order_id.startswith(slow) for o in after.orders)  # it did trade
-        (held,) = [p for p in after.positions if p.symbol == HELD]
-        assert held.qty == 0 and not held.flipped, held
-        found = spans(after, prefix)
-        assert {x.version for x in found} == {GOOD, SLOW}
-        evidence = assert_one_version_at_a_time(found)
+        evidence = await assert_rolled_back_to_good(
+            client, sandbox_admin, s, report, bad=SLOW, rolled_from=GOOD
+        )
         print(f"\n{tree}\nhandover {report.handover}\n{evidence}")
