@@ -75,6 +75,7 @@ CHECK_RETRY = RetryPolicy(maximum_attempts=2)
 NOTIFY_RETRY = RetryPolicy(maximum_attempts=3, maximum_interval=timedelta(seconds=5))
 SHORT_STEP = timedelta(seconds=30)
 HEALTH_POLL = timedelta(seconds=1)
+TRY_CANCEL = workflow.ActivityCancellationType.TRY_CANCEL
 
 
 class DeployFailed(Exception):
@@ -469,7 +470,12 @@ class DeployWorkflow:
         )
 
     async def _sample(
-        self, plan: DeployPlan, version: str, bake_s: float, stage: Stage
+        self,
+        plan: DeployPlan,
+        version: str,
+        bake_s: float,
+        stage: Stage,
+        cancellation: workflow.ActivityCancellationType = TRY_CANCEL,
     ) -> MetricSeries:
         series: MetricSeries = await self._activity(
             "sample_metrics",
@@ -477,6 +483,7 @@ class DeployWorkflow:
             MetricSeries,
             timeout=timedelta(seconds=bake_s + 120),
             stage=stage,
+            cancellation=cancellation,
         )
         return series
 
@@ -517,8 +524,17 @@ class DeployWorkflow:
     async def _watch(self, plan: DeployPlan, window_s: float) -> MetricSeries:
         """One window's trading series of the promoted version, its health polled meanwhile (a
         crash is noticed within a second, not at the end of the window)."""
+        # Abandoned, not cancelled, when health fails first: a read-only scrape may run out on
+        # its own, and a cancel racing its completion is refused by the time-skipping test
+        # server (ACTIVITY_UNKNOWN), which then never completes the workflow task.
         sampling = asyncio.ensure_future(
-            self._sample(plan, plan.version_to, window_s, Stage.MONITOR)
+            self._sample(
+                plan,
+                plan.version_to,
+                window_s,
+                Stage.MONITOR,
+                workflow.ActivityCancellationType.ABANDON,
+            )
         )
         try:
             while True:
@@ -530,7 +546,7 @@ class DeployWorkflow:
                 series: MetricSeries = await sampling
                 return series
         finally:
-            sampling.cancel()  # a no-op once it finished; else the window ends with a failure
+            sampling.cancel()  # a no-op once it finished; else the scrape is abandoned
 
     async def _judge_window(self, policy: AnalysisPolicy | None, series: MetricSeries) -> str:
         if policy is None:
@@ -669,6 +685,7 @@ class DeployWorkflow:
         result_type: type,
         timeout: timedelta = SHORT_STEP,
         stage: Stage | None = None,
+        cancellation: workflow.ActivityCancellationType = TRY_CANCEL,
     ) -> Awaitable[Any]:
         """One activity, heartbeating (a dead worker is noticed within the runbook's
         ``heartbeat_s``); a failure after its retries fails ``stage``."""
@@ -681,6 +698,7 @@ class DeployWorkflow:
             start_to_close_timeout=timeout,
             heartbeat_timeout=heartbeat,
             retry_policy=STEP_RETRY,
+            cancellation_type=cancellation,
         )
         if stage is None:
             return call
