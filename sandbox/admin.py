@@ -26,6 +26,8 @@ from sandbox.admin_models import (
     PriceControl,
     Prices,
     PriceSet,
+    RequestLog,
+    RequestRecord,
     SeededIds,
     SeedOrders,
     Stats,
@@ -256,6 +258,17 @@ def build_admin_app(sb: Sandbox, token: str) -> web.Application:
     async def get_stats(request: web.Request) -> web.StreamResponse:
         return _json(stats_model())
 
+    async def get_requests(request: web.Request) -> web.StreamResponse:
+        """Read-only: the journal of trading requests (``?since=<epoch s>&api_key=<key>``)."""
+        since = float(request.query.get("since", "0"))
+        key = request.query.get("api_key")
+        records = [
+            RequestRecord(arrived=a, answered=b, method=m, path=p, status=s, api_key=k)
+            for a, b, m, p, s, k in list(sb.stats.journal)
+            if a >= since and (key is None or k == key)
+        ]
+        return _json(RequestLog(records=records))
+
     async def reset_stats(request: web.Request) -> web.StreamResponse:
         """Clears counters, used weight and bans (so one test's hammering can't leak)."""
         sb.stats.reset()
@@ -288,6 +301,7 @@ def build_admin_app(sb: Sandbox, token: str) -> web.Application:
             web.delete("/admin/faults", clear_faults),
             web.get("/admin/stats", get_stats),
             web.post("/admin/stats/reset", reset_stats),
+            web.get("/admin/requests", get_requests),
             web.put("/admin/limits", set_limits),
         ]
     )

@@ -20,6 +20,8 @@ from sandbox.admin_models import (
     PriceControl,
     Prices,
     PriceSet,
+    RequestLog,
+    RequestRecord,
     SeededIds,
     SeedOrder,
     SeedOrders,
@@ -141,6 +143,11 @@ class SandboxAdmin:
     # stats and limits -------------------------------------------------------------------------
     async def stats(self) -> Stats:
         return await self._call("GET", "/admin/stats", Stats)
+
+    async def requests(self, since: float = 0.0, api_key: str | None = None) -> list[RequestRecord]:
+        """The venue's journal of trading requests that arrived at or after ``since`` (epoch s)."""
+        query = f"?since={since!r}" + (f"&api_key={api_key}" if api_key else "")
+        return (await self._call("GET", "/admin/requests" + query, RequestLog)).records
 
     async def reset_stats(self) -> Stats:
         """Also clears used weight and IP bans."""

@@ -195,6 +195,24 @@ class AccountState(_Model):
     """Symbols with an armed countdownCancelAll timer."""
 
 
+class RequestRecord(_Model):
+    """One trading-API request as the venue saw it; times are wall-clock seconds (time.time())."""
+
+    arrived: float
+    """When it reached the venue, before any injected latency."""
+    answered: float
+    """When its answer was ready: a cancel or an order was applied by then."""
+    method: str
+    path: str
+    status: int
+    api_key: str | None
+
+
+class RequestLog(_Model):
+    records: list[RequestRecord]
+    """Oldest first; the sandbox keeps the last 100,000 (cleared by ``POST /admin/stats/reset``)."""
+
+
 class Stats(_Model):
     requests_by_endpoint: dict[str, int]
     requests_by_status: dict[str, int]

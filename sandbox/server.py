@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections import Counter
+import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -38,14 +39,22 @@ CANCEL_ENDPOINTS = {
 }
 
 
+JOURNAL_SIZE = 100_000
+# (arrived, answered, method, path, status, api_key): wall-clock seconds, for benchmarks.
+Journaled = tuple[float, float, str, str, int, str | None]
+
+
 @dataclass
 class RequestStats:
     by_endpoint: Counter[str] = field(default_factory=Counter)
     by_status: Counter[str] = field(default_factory=Counter)
+    journal: deque[Journaled] = field(default_factory=lambda: deque(maxlen=JOURNAL_SIZE))
+    """The last requests with their times: when a cancel was applied, seen from the venue."""
 
     def reset(self) -> None:
         self.by_endpoint.clear()
         self.by_status.clear()
+        self.journal.clear()
 
 
 def _error(code: int, msg: str, status: int, headers: dict[str, str] | None = None) -> web.Response:
@@ -77,8 +86,12 @@ class Sandbox:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         method, path = request.method, request.path
+        arrived = time.time()
         resp = await self._handle(request, method, path)
         self.stats.by_status[str(resp.status)] += 1
+        # Answered = applied: a cancel or order has changed the book by now (latency comes first).
+        api_key = request.headers.get("X-MBX-APIKEY")
+        self.stats.journal.append((arrived, time.time(), method, path, resp.status, api_key))
         return resp
 
     async def _handle(self, request: web.Request, method: str, path: str) -> web.StreamResponse:

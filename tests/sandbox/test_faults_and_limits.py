@@ -210,3 +210,24 @@ async def test_concurrent_cancels_are_fast(
         await asyncio.gather(*(ex.cancel_order(o["id"], BTC) for o in orders))
         assert time.monotonic() - started < 3
     assert (await sandbox_admin.state(acct.api_key)).open_orders == []
+
+
+@pytest.mark.usefixtures("clean_faults")
+async def test_request_journal_says_when_a_cancel_was_applied(
+    new_account: NewAccount, venue: Venue, sandbox_admin: SandboxAdmin
+) -> None:
+    """The benchmarks' first-cancel clock: the venue's own arrival and answer times, per key."""
+    acct, other = await new_account(), await new_account()
+    bid = await _bid(sandbox_admin)
+    await sandbox_admin.set_faults([FaultRule(kind="latency", match="*", latency_ms=50)])
+    async with venue(acct) as ex, venue(other) as ex_other:
+        order = await ex.create_order(BTC, "limit", "buy", 0.002, bid)
+        await ex_other.fetch_open_orders(BTC)
+        since = time.time()
+        await ex.cancel_order(order["id"], BTC)
+        after = time.time()
+    mine = await sandbox_admin.requests(since=since, api_key=acct.api_key)
+    assert [(r.method, r.path, r.status) for r in mine] == [("DELETE", "/fapi/v1/order", 200)]
+    record = mine[0]
+    assert since <= record.arrived and record.arrived + 0.05 <= record.answered <= after
+    assert [r.api_key for r in await sandbox_admin.requests(api_key=other.api_key)] != []
