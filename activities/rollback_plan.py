@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -30,19 +31,58 @@ def _refuse(message: str, kind: str = "PlanRefused") -> ApplicationError:
 
 
 def find_runbook(runbooks_dir: Path, strategy: str, env: str) -> Runbook:
-    """The runbook of one strategy in one environment (exactly one must exist)."""
-    found = []
+    """The runbook of one strategy in one environment (exactly one must exist).
+
+    A broken file of another system is skipped: it must never stop a rollback of this one
+    (``breakglass runbook validate`` reports it). A broken file that may be this system's (its
+    name, or the strategy and env it names) is this system's problem and is reported.
+    """
+    found: list[tuple[Path, Runbook]] = []
+    ours_broken: list[str] = []
+    others_broken = 0
     for path in sorted(runbooks_dir.glob("*.yaml")):
         if path.name in NOT_RUNBOOKS:
             continue
-        runbook = load_runbook(path)
+        try:
+            runbook = load_runbook(path)
+        except ConfigError as e:
+            if _may_be_of(path, strategy, env):
+                ours_broken.append(str(e))
+            else:
+                others_broken += 1
+            continue
         if runbook.strategy == strategy and runbook.env == env:
             found.append((path, runbook))
+    if ours_broken:
+        raise ConfigError("\n".join(ours_broken))
     if not found:
-        raise ConfigError(f"no runbook for {strategy}/{env} in {runbooks_dir}")
+        hint = (
+            f" ({others_broken} other file(s) there could not be read: breakglass runbook validate)"
+            if others_broken
+            else ""
+        )
+        raise ConfigError(f"no runbook for {strategy}/{env} in {runbooks_dir}{hint}")
     if len(found) > 1:
         raise ConfigError(f"several runbooks for {strategy}/{env}: {[str(p) for p, _ in found]}")
     return found[0][1]
+
+
+def _may_be_of(path: Path, strategy: str, env: str) -> bool:
+    """Whether a runbook that failed to load may describe ``strategy``/``env``: named so, or
+    naming them (any value of a key written twice counts)."""
+    if path.stem == f"{strategy}-{env}":
+        return True
+    try:
+        root = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError):
+        return False
+    if not isinstance(root, yaml.MappingNode):
+        return False
+    named: dict[str, set[str]] = {"strategy": set(), "env": set()}
+    for key, value in root.value:
+        if isinstance(value, yaml.ScalarNode) and key.value in named:
+            named[key.value].add(str(value.value))
+    return strategy in named["strategy"] and env in named["env"]
 
 
 class RollbackPlanner:

@@ -279,7 +279,37 @@ def load_runbook(path: Path) -> Runbook:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    refuse_duplicate_keys(text, path)
     return parse_yaml_model(Runbook, text, path)
+
+
+def refuse_duplicate_keys(text: str, path: Path) -> None:
+    """``ConfigError`` (``file:line: field: duplicate key …``) for a key a mapping of the file
+    names twice, at any depth. Plain YAML keeps the last one silently (``env: prod`` then ``env:
+    staging`` is a staging runbook): in a runbook that is a mistake to show, not a choice to make
+    for the operator. Other YAML errors are left to the parser that follows."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return
+    todo: list[tuple[Any, list[str]]] = [(root, [])]
+    while todo:
+        node, where = todo.pop(0)
+        if isinstance(node, yaml.SequenceNode):
+            todo += [(v, [*where, str(i)]) for i, v in enumerate(node.value)]
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        first: dict[str, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                line = key.start_mark.line + 1
+                if key.value in first:
+                    raise ConfigError(
+                        f"{path}:{line}: {'.'.join([*where, key.value])}: duplicate key "
+                        f"{key.value!r} (first on line {first[key.value]})"
+                    )
+                first[key.value] = line
+            todo.append((value, [*where, str(key.value)]))
 
 
 def check_accounts(runbook: Runbook, accounts_file: Path, runbook_path: Path) -> list[str]:

@@ -167,3 +167,60 @@ def test_committed_schema_is_current() -> None:
     assert schema == runbook_json_schema()
     assert schema["additionalProperties"] is False
     assert "quorum" in schema["properties"]
+
+
+# --------------------------------------------------------------------------- duplicate keys
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key"),
+    [
+        # The case: the second `env` silently won.
+        (BASE.replace("env: staging\n", "env: prod\nenv: staging\n"), 3, "env"),
+        # Nested, in the target: which port would the strategy get?
+        (
+            BASE.replace("  http_port: 8081\n", "  http_port: 8081\n  http_port: 9090\n"),
+            10,
+            "target",
+        ),
+    ],
+)
+def test_duplicate_keys_are_refused_with_file_and_line(
+    tmp_path: Path, text: str, line: int, key: str
+) -> None:
+    (problem,) = problems(tmp_path, text + "flatten: {mode: auto}\n")
+    assert problem.startswith(f"{tmp_path / 'rb.yaml'}:{line}: "), problem
+    assert "duplicate key" in problem and key in problem.split(": ", 1)[1], problem
+
+
+# --------------------------------------------------------------------------- finding a runbook
+
+
+def test_a_broken_runbook_of_another_system_does_not_hide_the_one_asked_for(
+    tmp_path: Path,
+) -> None:
+    from activities.rollback_plan import find_runbook
+
+    (tmp_path / "sample-staging.yaml").write_text(BASE + "flatten: {mode: auto}\n")
+    (tmp_path / "other-prod.yaml").write_text("strategy: other\nenv: prod\naccounts: [\n")  # YAML
+    (tmp_path / "dup-prod.yaml").write_text(
+        BASE.replace("strategy: sample\nenv: staging\n", "strategy: dup\nenv: prod\nenv: x\n")
+    )
+    runbook = find_runbook(tmp_path, "sample", "staging")
+    assert str(runbook.ref) == "sample/staging"
+
+
+def test_a_broken_runbook_of_the_system_asked_for_is_named(tmp_path: Path) -> None:
+    from activities.rollback_plan import find_runbook
+
+    (tmp_path / "other-prod.yaml").write_text(
+        BASE.replace("strategy: sample", "strategy: other") + "flatten: {mode: auto}\n"
+    )
+    broken = tmp_path / "sample-staging.yaml"
+    broken.write_text(BASE + "flatten: {mode: auto}\nquorum: 0\n")
+    with pytest.raises(ConfigError) as e:
+        find_runbook(tmp_path, "sample", "staging")
+    assert f"{broken}:14: quorum:" in str(e.value), e.value
+    with pytest.raises(ConfigError) as missing:
+        find_runbook(tmp_path, "nosuch", "prod")
+    assert str(missing.value).startswith(f"no runbook for nosuch/prod in {tmp_path}")

@@ -4,6 +4,7 @@ and exit code, and nothing started."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from temporalio.testing import WorkflowEnvironment
 
@@ -85,3 +86,46 @@ async def test_status_of_a_running_rollback(dev_env: WorkflowEnvironment) -> Non
         await handle.terminate("test over")
     assert run.code == ExitCode.OK
     assert '"status": "RUNNING"' in run.out
+
+
+async def test_a_broken_runbook_of_another_strategy_does_not_block_a_rollback(
+    dev_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    """The issue's case: an invalid YAML of another strategy in the directory stopped
+    ``rollback sample --env demo``. It is reported by ``runbook validate`` only."""
+    env_name = fresh_id("e").replace("-", "")[:20].lower()
+    runbooks = tmp_path / "rb"
+    runbooks.mkdir()
+    text = (REPO / "runbooks" / "sample-staging.yaml").read_text()
+    (runbooks / f"sample-{env_name}.yaml").write_text(
+        text.replace("env: staging", f"env: {env_name}")
+    )
+    (runbooks / "momentum-prod.yaml").write_text("strategy: momentum\nenv: prod\naccounts: [\n")
+    (runbooks / "meanrev-prod.yaml").write_text(
+        text.replace("strategy: sample", "strategy: meanrev").replace(
+            "env: staging", "env: prod\nenv: staging"
+        )
+    )
+    task_queue = fresh_id("tq-no-worker")  # started, not served: this test is about the start
+    env = {**env_for(dev_env, task_queue), "BREAKGLASS_RUNBOOKS_DIR": str(runbooks)}
+    run = await breakglass(
+        "rollback", "sample", "--env", env_name, "--reason", "x y z", "--yes", "--detach", env=env
+    )
+    handle = dev_env.client.get_workflow_handle(rollback_workflow_id("sample", env_name))
+    try:
+        assert run.code == ExitCode.OK, run.err
+        assert "momentum" not in run.out + run.err and "meanrev" not in run.out + run.err
+        assert (await handle.describe()).status is not None
+    finally:
+        if run.code == ExitCode.OK:
+            await handle.terminate("test over")
+
+    validate = await breakglass(
+        "runbook", "validate", *map(str, sorted(runbooks.iterdir())), env=env
+    )
+    assert validate.code == ExitCode.BAD_INPUT
+    errors = validate.err.splitlines()
+    assert any(
+        e.startswith(f"{runbooks / 'meanrev-prod.yaml'}:") and "duplicate key" in e for e in errors
+    ), errors
+    assert any(e.startswith(f"{runbooks / 'momentum-prod.yaml'}:") for e in errors), errors
