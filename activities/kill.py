@@ -8,25 +8,26 @@ replay an activity from an old heartbeat.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from decimal import Decimal
-from enum import StrEnum
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.accounts import ConfigError
-from activities.errors import (
-    BelowMinimum,
-    OrderGone,
-    OutcomeUnknown,
-    ReduceOnlyRejected,
-    VenueError,
-    VenueUnavailable,
-)
+from activities.errors import AuthFailed, RateLimited, VenueError
 from activities.heartbeat import heartbeating
+from activities.kill_cancel import CancelSweep
+from activities.kill_flatten import (
+    MAX_FLATTEN_PASSES,
+    MAX_READ_FAILURES,
+    REQUERY_INTERVAL_S,
+    FlattenRun,
+    Leg,
+    NotSent,
+    earlier_legs,
+)
 from activities.venues import VenueGateway, VenueSession, utcnow
 from workflows.shared import (
     AccountRequest,
@@ -37,38 +38,19 @@ from workflows.shared import (
     FlattenResult,
     HaltRequest,
     HaltResult,
-    OpenOrder,
     Position,
     VenueSnapshot,
 )
 
 log = logging.getLogger(__name__)
 
-MAX_FLATTEN_PASSES = 20
-"""Partial and racing fills each cost a pass; past this the workflow's next round takes over."""
-REQUERY_INTERVAL_S = 0.2
-
-
-class NotSent(StrEnum):
-    """Why a flatten pass has no accepted order for a position (the next pass re-reads)."""
-
-    DUST = "dust"
-    """Below the venue's minimum: reported, never retried."""
-    REJECTED_REDUCE_ONLY = "rejected-reduce-only"
-    """The venue saw nothing left to reduce."""
-    OUTCOME_UNKNOWN = "outcome-unknown"
-    """Timed out or failed: maybe applied, so never resent blindly."""
-
-
-def client_order_id(prefix: str, symbol: str, position_side: str | None, pass_no: int) -> str:
-    """Deterministic id of the order a given flatten pass sends for one position (<= 36 chars).
-
-    Binance accepts a client id again once the earlier order is closed, so the id alone does not
-    stop a duplicate: the flatten looks the id up before sending and re-reads the position.
-    """
-    leg = f"{symbol}/{position_side or ''}"
-    digest = hashlib.sha256(leg.encode()).hexdigest()[:8]
-    return f"{prefix}-{digest}-{pass_no}"
+DEAD_MAN_TRIES = 3
+"""Tries per symbol for a countdown the venue answered 5xx to (quick, inside the halt: it runs
+beside the cancels and a retry of the whole activity would re-arm every symbol)."""
+DEAD_MAN_REARM_WITHIN_S = 60.0
+"""A countdown this process armed less than this long ago (and still past half its time) is
+not armed again: a second kill within the minute spends no weight on it."""
+UNREAD = ("orders", "conditional-orders", "positions")
 
 
 def as_application_error(error: VenueError | ConfigError, account: str) -> ApplicationError:
@@ -97,11 +79,17 @@ class KillActivities:
 
     @activity.defn(name="halt_account")
     async def halt(self, request: HaltRequest) -> HaltResult:
-        """Arm the venue's dead-man switch on every symbol with open orders.
+        """Arm the venue's dead-man switch, symbol by symbol, on every symbol with open orders.
 
         If this worker dies mid-kill, the venue still cancels those orders when the timer runs
         out. With ``dead_man_seconds=0`` it disarms the given symbols instead (after a verified
         kill). Spot has no such switch: reported, not faked.
+
+        Per symbol: ``symbols_armed`` (or ``symbols_released``) lists exactly what the venue
+        accepted, ``symbols_failed`` what it did not and why (a 5xx after a few quick tries, or
+        our own weight limiter refusing the arming so that cancels go first). It raises only
+        when nothing can be done: auth/config (non-retryable), or, with ``symbols=None``, when
+        the open orders cannot be read (retryable: nothing is known to arm).
         """
         venue = await self._venue(request.account)
         if venue.is_spot:
@@ -111,136 +99,171 @@ class KillActivities:
             seconds = venue.account.dead_man_seconds
             if seconds == 0:
                 return HaltResult(account=request.account, supported=True)
+        symbols = request.symbols
         try:
-            symbols = request.symbols
             if symbols is None:
-                symbols = sorted({o.symbol for o in await venue.open_orders() if not o.conditional})
-            await asyncio.gather(*(venue.arm_dead_man(s, seconds) for s in symbols))
+                # Plain orders only: the conditional listing failing must not stop the arming.
+                orders = await venue.plain_open_orders(join_in_flight=True)
+                symbols = sorted({o.symbol for o in orders})
+            failed = await self._countdowns(venue, symbols, seconds)
         except VenueError as e:
             raise as_application_error(e, request.account) from None
-        return HaltResult(account=request.account, symbols_armed=symbols)
+        done = [s for s in symbols if s not in failed]
+        if seconds == 0:
+            return HaltResult(account=request.account, symbols_released=done, symbols_failed=failed)
+        return HaltResult(account=request.account, symbols_armed=done, symbols_failed=failed)
+
+    async def _countdowns(
+        self, venue: VenueSession, symbols: list[str], seconds: int
+    ) -> dict[str, str]:
+        """Arm (or disarm) every symbol on its own; returns symbol -> why it failed."""
+
+        async def one(symbol: str) -> str | None:
+            if seconds > 0 and venue.dead_man_running(symbol, seconds, DEAD_MAN_REARM_WITHIN_S):
+                return None
+            for attempt in range(DEAD_MAN_TRIES):
+                try:
+                    await venue.arm_dead_man(symbol, seconds)
+                    return None
+                except AuthFailed:
+                    raise
+                except RateLimited as e:
+                    return str(e)  # ours or the venue's: backing off is the point
+                except VenueError as e:
+                    if not e.retryable or attempt == DEAD_MAN_TRIES - 1:
+                        return str(e)
+                    await asyncio.sleep(0.1 * (attempt + 1))
+            return "not tried"  # unreachable: the loop always returns
+
+        reasons = await asyncio.gather(*(one(s) for s in symbols))
+        return {s: r for s, r in zip(symbols, reasons, strict=True) if r is not None}
 
     # ------------------------------------------------------------------ cancel all
 
     @activity.defn(name="cancel_all")
     async def cancel_all(self, request: CancelAllRequest) -> CancelAllResult:
-        """Cancel every open order, per symbol and concurrently, until the venue shows none."""
+        """Cancel every open order, per symbol and per book, until the venue shows none.
+
+        Each book goes on its own (see :mod:`activities.kill_cancel`): one the venue cannot
+        list or cancel is reported in ``failed_books`` with ``complete=False`` and blocks nothing
+        else. Raises only for auth/config (non-retryable) or when no book could be read at all
+        (retryable, after the blind cancels went out).
+        """
         venue = await self._venue(request.account)
         started = time.monotonic()
-        deadline = started + request.verify_deadline_s
         progress: dict[str, object] = {"queries": 0}
+        sweep = CancelSweep(venue, started + request.verify_deadline_s, progress)
         try:
             async with heartbeating(progress):
-                first = await venue.open_orders()
-                seen: dict[str, OpenOrder] = {o.id: o for o in first}
-                remaining = first
-                queries = 1
-                while remaining:
-                    await self._cancel_symbols(venue, remaining)
-                    remaining = await venue.open_orders()
-                    queries += 1
-                    progress.update(queries=queries, open=len(remaining))
-                    seen.update((o.id, o) for o in remaining)
-                    if remaining and time.monotonic() >= deadline:
-                        break
-                    if remaining:
-                        await asyncio.sleep(REQUERY_INTERVAL_S)
+                outcome = await sweep.run()
         except VenueError as e:
             raise as_application_error(e, request.account) from None
-        still_open_ids = {o.id for o in remaining}
+        still_open_ids = {o.id for o in outcome.still_open}
         return CancelAllResult(
             account=request.account,
-            orders_found=len(seen),
-            orders_cancelled=len(set(seen) - still_open_ids),
-            still_open=remaining,
-            symbols=sorted({o.symbol for o in seen.values()}),
-            queries=queries,
+            orders_found=len(outcome.seen),
+            orders_cancelled=len(set(outcome.seen) - still_open_ids),
+            still_open=outcome.still_open,
+            symbols=sorted({o.symbol for o in outcome.seen.values()}),
+            queries=outcome.queries,
             elapsed_s=round(time.monotonic() - started, 4),
+            failed_books=outcome.failures,
+            complete=not outcome.failures,
         )
-
-    async def _cancel_symbols(self, venue: VenueSession, orders: list[OpenOrder]) -> None:
-        """One cancel-all per (symbol, book), all at once; failures are judged by the re-query."""
-        books = sorted({(o.symbol, o.conditional) for o in orders})
-        results = await asyncio.gather(
-            *(venue.cancel_all_in(symbol, conditional) for symbol, conditional in books),
-            return_exceptions=True,
-        )
-        for (symbol, _), result in zip(books, results, strict=True):
-            if isinstance(result, VenueError) and not result.retryable:
-                raise result
-            if isinstance(result, BaseException) and not isinstance(result, VenueError):
-                raise result
-            if isinstance(result, VenueError):
-                # Unknown outcome or a passing failure: the re-query decides, not this answer.
-                log.info("cancel-all %s %s: %s (re-querying)", venue.name, symbol, result)
 
     # ------------------------------------------------------------------ flatten
 
     @activity.defn(name="flatten")
     async def flatten(self, request: FlattenRequest) -> FlattenResult:
-        """Close every position with orders that can only reduce it, until only dust is left.
-
-        Every pass starts from freshly read positions and sends at most the live size rounded
-        down to the lot step, reduce-only (or per hedge leg): a retry, a crash or a racing fill
-        can leave a position smaller, never flipped.
-        """
+        """Close every position with orders that can only reduce it, until only dust is left
+        (see :mod:`activities.kill_flatten`). Every leg goes on its own: a failed lookup or
+        order is listed in ``failures`` and retried on the next pass; orders earlier attempts
+        sent are in ``recovered_orders``. Raises only for auth/config, or when the positions
+        cannot be read at all (retryable)."""
         venue = await self._venue(request.account)
         started = time.monotonic()
         info = activity.info()
-        # After a retry, earlier attempts may have used this prefix's ids: look them up first.
-        resumed = info.attempt > 1
         progress: dict[str, object] = {"pass": 0}
-        orders: list[FlattenOrder] = []
-        venue_said_dust: set[tuple[str, str | None]] = set()
-        pass_no: dict[tuple[str, str | None], int] = {}
-        before: list[Position] | None = None
-        passes = 0
+        run = FlattenRun(venue, request.client_id_prefix, info.attempt > 1, progress)
+        run.remember(earlier_legs(info.heartbeat_details))
         try:
             async with heartbeating(progress):
-                while passes < MAX_FLATTEN_PASSES:
-                    positions = await venue.positions()
-                    if before is None:
-                        before = positions
-                    work = [
-                        (p, q)
-                        for p in positions
-                        if (p.symbol, p.position_side) not in venue_said_dust
-                        and (q := self._closable(venue, p)) is not None
-                    ]
-                    if not work:
-                        break
-                    passes += 1
-                    progress["pass"] = passes
-                    sent = await asyncio.gather(
-                        *(
-                            self._close_one(venue, request.client_id_prefix, p, q, pass_no, resumed)
-                            for p, q in work
-                        )
-                    )
-                    for (position, _), outcome in zip(work, sent, strict=True):
-                        if isinstance(outcome, FlattenOrder):
-                            orders.append(outcome)
-                        elif outcome is NotSent.DUST:
-                            venue_said_dust.add((position.symbol, position.position_side))
-                    if not any(isinstance(o, FlattenOrder) for o in sent):
-                        await asyncio.sleep(REQUERY_INTERVAL_S)  # let an unknown outcome settle
-                after = await venue.positions() if passes else (before or [])
+                before, after, passes, dust = await self._flatten_passes(run)
+                await run.find_unknown()
         except VenueError as e:
             raise as_application_error(e, request.account) from None
         return FlattenResult(
             account=request.account,
-            positions_before=before or [],
+            positions_before=before,
             positions_after=after,
             dust=[
                 p
                 for p in after
-                if (p.symbol, p.position_side) in venue_said_dust
-                or self._closable(venue, p) is None
+                if (p.symbol, p.position_side) in dust or self._closable(venue, p) is None
             ],
-            orders=orders,
+            orders=run.orders,
             passes=passes,
             elapsed_s=round(time.monotonic() - started, 4),
+            failures=run.failures(after),
+            recovered_orders=sorted(run.recovered.values(), key=lambda o: o.client_order_id),
         )
+
+    async def _flatten_passes(
+        self, run: FlattenRun
+    ) -> tuple[list[Position], list[Position], int, set[Leg]]:
+        """Pass after pass from fresh positions; returns (before, after, passes, dust legs)."""
+        venue = run.venue
+        # Earlier attempts' legs are looked up even where the position is flat now: the report
+        # lists every order sent under this prefix.
+        await asyncio.gather(*(run.resolve(leg) for leg in list(run.legs)))
+        before: list[Position] | None = None
+        after: list[Position] | None = None
+        passes = read_failures = 0
+        while passes < MAX_FLATTEN_PASSES:
+            try:
+                positions = await venue.positions()
+            except VenueError as e:
+                if isinstance(e, AuthFailed) or read_failures + 1 >= MAX_READ_FAILURES:
+                    raise
+                read_failures += 1
+                await asyncio.sleep(REQUERY_INTERVAL_S)
+                continue
+            read_failures = 0
+            if before is None:
+                before = positions
+            after = positions  # read after every earlier pass's answers: the state now
+            work = [
+                (p, q)
+                for p in positions
+                if run.leg((p.symbol, p.position_side)).stopped is None
+                and (q := self._closable(venue, p)) is not None
+            ]
+            if not work:
+                break
+            passes += 1
+            run.progress["pass"] = passes
+            sent = await asyncio.gather(*(run.close_one(p, q) for p, q in work))
+            run.orders.extend(o for o in sent if isinstance(o, FlattenOrder))
+            after = None
+            if not any(isinstance(o, FlattenOrder) for o in sent):
+                await asyncio.sleep(REQUERY_INTERVAL_S)  # let an unknown outcome settle
+        if after is None:
+            after = await self._final_positions(venue)
+        # Unresolved earlier legs (lookups kept failing) get one more try for the report.
+        await asyncio.gather(*(run.resolve(leg) for leg, s in run.legs.items() if not s.resolved))
+        dust = {leg for leg, s in run.legs.items() if s.stopped is NotSent.DUST}
+        return before or [], after, passes, dust
+
+    @staticmethod
+    async def _final_positions(venue: VenueSession) -> list[Position]:
+        for attempt in range(MAX_READ_FAILURES):
+            try:
+                return await venue.positions()
+            except VenueError as e:
+                if isinstance(e, AuthFailed) or attempt == MAX_READ_FAILURES - 1:
+                    raise
+                await asyncio.sleep(REQUERY_INTERVAL_S)
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _closable(venue: VenueSession, position: Position) -> Decimal | None:
@@ -259,50 +282,48 @@ class KillActivities:
             return None
         return quantity
 
-    async def _close_one(
-        self,
-        venue: VenueSession,
-        prefix: str,
-        position: Position,
-        quantity: Decimal,
-        pass_no: dict[tuple[str, str | None], int],
-        resumed: bool,
-    ) -> FlattenOrder | NotSent:
-        """Send (at most) one closing order for one position; returns the order, or why not."""
-        key = (position.symbol, position.position_side)
-        number = pass_no.get(key, 0)
-        cid = client_order_id(prefix, position.symbol, position.position_side, number)
-        if resumed:
-            # Skip ids an earlier attempt already used: their fills are in the positions we read.
-            while await venue.order_by_client_id(position.symbol, cid) is not None:
-                number += 1
-                cid = client_order_id(prefix, position.symbol, position.position_side, number)
-        pass_no[key] = number + 1
-        try:
-            return await venue.close_position(position, quantity, cid)
-        except BelowMinimum:
-            return NotSent.DUST
-        except (ReduceOnlyRejected, OrderGone):
-            return NotSent.REJECTED_REDUCE_ONLY  # most likely flat already: re-read
-        except (OutcomeUnknown, VenueUnavailable) as e:
-            # Maybe applied: never resend this order; the next pass re-reads and decides.
-            log.info("flatten %s %s: %s (re-reading)", venue.name, cid, e)
-            return NotSent.OUTCOME_UNKNOWN
-
     # ------------------------------------------------------------------ look
 
     @activity.defn(name="snapshot_venue_state")
     async def snapshot_venue_state(self, request: AccountRequest) -> VenueSnapshot:
-        """Open orders and positions as the venue reports them now (for verify and reports)."""
+        """Open orders and positions as the venue reports them now (for verify and reports).
+
+        Each book is read on its own: one the venue cannot read is named in ``unread_books``
+        (not verified) instead of hiding what the others show. Raises only for auth/config or
+        when nothing at all could be read (retryable).
+        """
         venue = await self._venue(request.account)
-        try:
-            orders, positions = await asyncio.gather(venue.open_orders(), venue.positions())
-        except VenueError as e:
-            raise as_application_error(e, request.account) from None
+        reads = await asyncio.gather(
+            venue.plain_open_orders(),
+            venue.conditional_open_orders(),
+            venue.positions(),
+            return_exceptions=True,
+        )
+        unread: list[str] = []
+        for name, read in zip(UNREAD, reads, strict=True):
+            if isinstance(read, AuthFailed) or (
+                isinstance(read, BaseException) and not isinstance(read, VenueError)
+            ):
+                if isinstance(read, VenueError):
+                    raise as_application_error(read, request.account) from None
+                raise read
+            if isinstance(read, VenueError):
+                unread.append(name)
+        if len(unread) == len(UNREAD):
+            error = reads[0]
+            assert isinstance(error, VenueError)
+            raise as_application_error(error, request.account) from None
+        plain, conditional, positions = reads
+        positions = positions if isinstance(positions, list) else []
+        orders = [
+            *(plain if isinstance(plain, list) else []),
+            *(conditional if isinstance(conditional, list) else []),
+        ]
         return VenueSnapshot(
             account=request.account,
             taken_at=utcnow(),
             open_orders=orders,
             positions=[p for p in positions if self._closable(venue, p) is not None],
             dust=[p for p in positions if self._closable(venue, p) is None],
+            unread_books=unread,
         )

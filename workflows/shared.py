@@ -116,6 +116,9 @@ class VenueSnapshot(Model):
     """Positions a market order could still close (non-zero and above the lot minimum)."""
     dust: list[Position] = []
     """Non-zero remainders below one lot step or the minimum size."""
+    unread_books: list[str] = []
+    """Books the venue could not read this time ("orders", "conditional-orders", "positions"):
+    what they hold is unknown, so the account is not verified on this snapshot."""
 
 
 # --------------------------------------------------------------------------- activity messages
@@ -139,6 +142,22 @@ class HaltResult(Model):
     symbols_armed: list[str] = []
     supported: bool = True
     """False where the venue has no dead-man switch (e.g. spot)."""
+    symbols_failed: dict[str, str] = {}
+    """Symbol -> why the venue did not arm (or disarm) its countdown."""
+    symbols_released: list[str] = []
+    """With ``dead_man_seconds=0``: the symbols whose countdown the venue disarmed."""
+
+
+class BookFailure(Model):
+    """One order book the venue refused to list or cancel (the others went ahead)."""
+
+    symbol: str | None
+    """None: the account-wide listing."""
+    conditional: bool
+    action: str
+    """"list" or "cancel"."""
+    error: str
+    """Domain error class and the venue's text (never a secret)."""
 
 
 class CancelAllRequest(Model):
@@ -156,6 +175,9 @@ class CancelAllResult(Model):
     queries: int = 0
     """How many re-queries of the venue it took to see nothing open."""
     elapsed_s: float = 0.0
+    failed_books: list[BookFailure] = []
+    complete: bool = True
+    """False when some book could not be listed or cancelled: not verified on this alone."""
 
 
 class FlattenRequest(Model):
@@ -182,6 +204,10 @@ class FlattenResult(Model):
     orders: list[FlattenOrder] = []
     passes: int = 0
     elapsed_s: float = 0.0
+    failures: list[str] = []
+    """Per item that failed this attempt: "SYMBOL/side: reason"."""
+    recovered_orders: list[FlattenOrder] = []
+    """Orders an earlier attempt of this round sent, found on the venue by their client ids."""
 
 
 class NotifyRequest(Model):

@@ -8,7 +8,14 @@ import asyncio
 import pytest
 
 from activities.errors import RateLimited
-from activities.ratelimit import WINDOW_S, WeightLimiter, request_weight
+from activities.ratelimit import (
+    DEAD_MAN_SHARE,
+    WINDOW_S,
+    Lane,
+    WeightLimiter,
+    request_lane,
+    request_weight,
+)
 
 
 class FakeClock:
@@ -72,3 +79,35 @@ async def test_the_venues_count_is_trusted_when_higher() -> None:
 )
 def test_request_weights_follow_binance(method: str, url: str, weight: int) -> None:
     assert request_weight(method, url) == weight
+
+
+async def test_a_cancel_is_admitted_at_once_while_the_dead_man_lane_is_spent() -> None:
+    clock = FakeClock()
+    limiter = WeightLimiter(100, clock=clock)
+    admitted = 0
+    with pytest.raises(RateLimited, match="dead-man"):
+        while True:  # arm until the dead-man lane refuses: it never waits
+            await asyncio.wait_for(limiter.acquire(10, Lane.DEAD_MAN), 0.05)
+            admitted += 1
+    assert 0 < admitted * 10 <= 100 * DEAD_MAN_SHARE
+    await asyncio.wait_for(asyncio.gather(*(limiter.acquire(1) for _ in range(50))), 0.05)
+    assert limiter.waits == 0
+
+
+async def test_a_waiting_unwind_request_goes_before_any_arming() -> None:
+    clock = FakeClock()
+    limiter = WeightLimiter(100, max_wait_s=WINDOW_S, clock=clock)
+    await limiter.acquire(95)
+    cancel = asyncio.ensure_future(limiter.acquire(10))
+    await asyncio.sleep(0.02)
+    clock.now += WINDOW_S + 0.001  # weight frees up: the waiting cancel gets it, not the arming
+    with pytest.raises(RateLimited):
+        await limiter.acquire(10, Lane.DEAD_MAN)
+    await asyncio.wait_for(cancel, 1)
+
+
+def test_countdown_cancel_all_is_the_dead_man_lane() -> None:
+    assert request_lane("POST", "https://fapi.binance.com/fapi/v1/countdownCancelAll") is (
+        Lane.DEAD_MAN
+    )
+    assert request_lane("DELETE", "https://fapi.binance.com/fapi/v1/allOpenOrders") is Lane.UNWIND
