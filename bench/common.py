@@ -1,6 +1,6 @@
 """What the benchmarks share: the K1 book, the stack they run on (sandbox exchange, Temporal dev
 server, in-process worker, venue gateway) and the venue-side helpers (seed, fresh weight window,
-the sandbox's own flatness verdict)."""
+the sandbox's own flatness verdict, a clock that puts worker and venue times on one axis)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from activities.accounts import load_accounts
 from activities.ratelimit import WeightLimiter
 from activities.venues import VenueGateway
 from sandbox.admin_client import SandboxAdmin
-from sandbox.admin_models import FaultRule
+from sandbox.admin_models import FaultRule, Limits
 from sandbox.seed import BookSpec, SeedAccount, seed_book
 from tests.fixtures.sandbox import SandboxHandle, start_sandbox, stop_sandbox
 from tests.fixtures.venues import Rig, SandboxAccount, accounts_yaml, assert_flat
@@ -39,6 +39,7 @@ from worker.temporal_client import data_converter
 K1 = {"symbols": 25, "open_orders": 1000, "positions": 20, "spot_orders_fraction": 0.0}
 WARMUP = {"symbols": 5, "open_orders": 20, "positions": 4, "spot_orders_fraction": 0.0}
 LATENCY_MS = 20
+"""Injected by the sandbox before it handles each request: the venue's round trip (RTT)."""
 
 
 def shout(text: str) -> None:
@@ -47,11 +48,21 @@ def shout(text: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def wall(monotonic: float) -> float:
+    """A ``time.monotonic()`` reading on the wall clock (``time.time()``), the clock the sandbox
+    journal and Temporal's history use (all on this machine; the two drift apart by far less
+    than a millisecond over a benchmark run)."""
+    return monotonic + (time.time() - time.monotonic())
+
+
 class ActivityClock(Interceptor):
-    """Records when each activity (local or not) starts and returns inside the worker."""
+    """Records when each activity (local or not) starts and returns inside the worker
+    (``time.monotonic()``; ``wall`` converts)."""
 
     def __init__(self) -> None:
         self.marks: list[tuple[str, str, float, float]] = []
+        self.local: set[str] = set()
+        """Activity types seen running as local activities."""
 
     def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
         return _ClockInbound(next, self)
@@ -68,9 +79,10 @@ class _ClockInbound(ActivityInboundInterceptor):
             return await super().execute_activity(input)
         finally:
             account = str(getattr(input.args[0], "account", "")) if input.args else ""
-            self._clock.marks.append(
-                (activity.info().activity_type, account, started, time.monotonic())
-            )
+            info = activity.info()
+            if info.is_local:
+                self._clock.local.add(info.activity_type)
+            self._clock.marks.append((info.activity_type, account, started, time.monotonic()))
 
 
 # --------------------------------------------------------------------------- the stack
@@ -86,24 +98,39 @@ class Stack:
     settings: Settings
     accounts_file: Path
     pairs: list[list[SandboxAccount]]
+    singles: list[SandboxAccount]
+    """Accounts handed out one by one (``next_single``), e.g. the 100-kills fleet."""
     http429: int = 0
 
     def next_pair(self) -> list[SandboxAccount]:
         return self.pairs.pop(0)
 
+    def next_single(self) -> SandboxAccount:
+        return self.singles.pop(0)
+
+    def take_singles(self, count: int) -> list[SandboxAccount]:
+        taken, self.singles = self.singles[:count], self.singles[count:]
+        if len(taken) < count:
+            raise RuntimeError(f"only {len(taken)} single accounts left, {count} wanted")
+        return taken
+
+
+def fresh_account(name: str) -> SandboxAccount:
+    """A new sandbox account (new keys); its secrets go into this process's environment."""
+    account = SandboxAccount.fresh(name, "BG_BENCH")
+    os.environ[account.key_env] = account.api_key
+    os.environ[account.secret_env] = account.secret
+    return account
+
 
 def make_pairs(count: int) -> list[list[SandboxAccount]]:
-    """Fresh account pairs with new keys; their secrets go into this process's environment."""
-    pairs = []
-    for i in range(count):
-        pair = []
-        for side in "ab":
-            account = SandboxAccount.fresh(f"k1r{i:02d}{side}", "BG_BENCH")
-            os.environ[account.key_env] = account.api_key
-            os.environ[account.secret_env] = account.secret
-            pair.append(account)
-        pairs.append(pair)
-    return pairs
+    """Fresh account pairs with new keys."""
+    return [[fresh_account(f"k1r{i:02d}{side}") for side in "ab"] for i in range(count)]
+
+
+def make_singles(count: int, prefix: str = "k100") -> list[SandboxAccount]:
+    """Fresh single accounts with new keys (``k100n000``, ``k100n001``, ...)."""
+    return [fresh_account(f"{prefix}n{i:03d}") for i in range(count)]
 
 
 def bench_settings(**overrides: Any) -> Settings:
@@ -135,13 +162,16 @@ async def open_stack(
     *,
     eager: bool,
     extra_activities: Sequence[Callable[..., Any]] = (),
+    singles: Sequence[SandboxAccount] = (),
 ) -> AsyncIterator[Stack]:
     """A sandbox exchange (20 ms latency on every request), a Temporal dev server and a worker
-    in this process on ``settings.task_queue``, for the accounts of ``pairs``; all in ``tmp``."""
+    in this process on ``settings.task_queue``, for the accounts of ``pairs`` and ``singles``
+    (one accounts.yaml names them all); all in ``tmp``."""
     proc, sandbox = start_sandbox(tmp)
     try:
         accounts_file = tmp / "accounts.yaml"
-        accounts_file.write_text(accounts_yaml([a for pair in pairs for a in pair]))
+        every = [a for pair in pairs for a in pair] + list(singles)
+        accounts_file.write_text(accounts_yaml(every))
         async with SandboxAdmin(sandbox.admin_url, sandbox.admin_token) as admin:
             await admin.set_faults([FaultRule(kind="latency", match="*", latency_ms=LATENCY_MS)])
             temporal = await start_temporal(settings, eager)
@@ -161,7 +191,15 @@ async def open_stack(
                 )
                 async with worker:
                     yield Stack(
-                        sandbox, admin, temporal, gateway, clock, settings, accounts_file, pairs
+                        sandbox,
+                        admin,
+                        temporal,
+                        gateway,
+                        clock,
+                        settings,
+                        accounts_file,
+                        pairs,
+                        list(singles),
                     )
             finally:
                 await gateway.close()
@@ -171,8 +209,24 @@ async def open_stack(
 
 
 async def seed(stack: Stack, pair: list[SandboxAccount], spec: dict[str, Any]) -> None:
+    """The book ``spec`` describes, split over ``pair`` (any number of accounts)."""
     accounts = [SeedAccount(api_key=a.api_key, secret=a.secret) for a in pair]
     await seed_book(stack.admin, BookSpec(accounts=accounts, **spec))
+
+
+async def scale_weight_limits(stack: Stack, factor: int) -> None:
+    """The venue's per-minute weight limits and our limiters' budgets, times ``factor``."""
+    if factor == 1:
+        return
+    limits = (await stack.admin.stats()).limits
+    await stack.admin.set_limits(
+        Limits(
+            spot_weight_limit=(limits.spot_weight_limit or 0) * factor or None,
+            fapi_weight_limit=(limits.fapi_weight_limit or 0) * factor or None,
+        )
+    )
+    for host, limiter in list(stack.gateway.limiters.items()):
+        stack.gateway.limiters[host] = WeightLimiter(limiter.budget * factor)
 
 
 async def fresh_budget(stack: Stack) -> None:

@@ -19,12 +19,25 @@ The dev server runs with ``system.enableActivityEagerExecution=true`` (measured:
 within noise; ``--no-eager`` compares). Each run also prints, per account, the idle time between
 its steps: in (a) that is Temporal's orchestration (start, task dispatch, step barriers).
 
+Speed at the venue (issue 8), measured in the same run and printed beside the above:
+- request -> first cancel applied at the venue, per run of (a) (``bench.first_cancel``: the
+  sandbox journal's answer time of the first cancel), with its floor (one direct cancel over ccxt
+  at the same latency) and where the time goes (client -> server, workflow task, activity
+  dispatch, venue reads, cancel); target <= 150 ms;
+- K1 (a) against the RTT-bound floor: the sequential round trips the protocol cannot avoid
+  (``PROTOCOL_RTTS``) times the latency; target <= 2x;
+- K100 (``bench.fleet``): 100 concurrent kills of 100 accounts on the one worker against one kill
+  of one such account; target <= 3x with no 429.
+
 Fairness: the worker runs in this process (as do b and c), on a fresh task queue; every variant
 is warmed up once on a small book first. Runs of a and b alternate. Between runs the venue's
 one-minute weight window and our client-side weight limiter are reset, as if runs were a minute
 apart (one K1 kill spends about half the 2,400/min USDⓈ-M budget). Exit code 1 when any run was
 not verified or not flat on the sandbox's own admin view, or any 429 was answered; targets
-(a/b <= 1.25, c/a >= 10) are reported, not enforced.
+(a/b <= 1.25, c/a >= 10, first cancel <= 150 ms, <= 2x the RTT-bound floor, K100 <= 3x) are
+reported, not enforced. ``--quick`` is a smoke run (1 run, no naive run, 20 concurrent kills).
+The last two lines are machine-readable: ``K100 …`` then ``K1 a/b=… c/a=… http429=…
+first_cancel_ms=… rtt_bound_ratio=…``.
 """
 
 from __future__ import annotations
@@ -56,10 +69,23 @@ from bench.common import (
     check_flat,
     fresh_budget,
     make_pairs,
+    make_singles,
     open_stack,
     seed,
     shout,
 )
+from bench.first_cancel import (
+    TARGET_MS as TARGET_FIRST_CANCEL_MS,
+)
+from bench.first_cancel import (
+    Breakdown,
+    CancelFloor,
+    cut_first_cancel,
+    direct_cancel_floor,
+    first_cancel,
+    print_breakdowns,
+)
+from bench.fleet import FleetResult, measure_fleet, report_fleet
 from tests.fixtures.sandbox import SandboxHandle
 from tests.fixtures.venues import SandboxAccount
 from worker.cli_kill import _start as cli_start_kill
@@ -80,7 +106,16 @@ T = TypeVar("T")
 MAX_ROUNDS = KillSwitchInput.model_fields["max_rounds"].default
 TARGET_AB = 1.25
 TARGET_CA = 10.0
+TARGET_RTT = 2.0
 STEPS = ("halt_account", "cancel_all", "flatten", "snapshot_venue_state")
+PROTOCOL_RTTS = (
+    ("read open orders (plain | conditional, every account at once)", 1),
+    ("cancel-all per book, all at once", 1),
+    ("read positions (after the cancels: a racing fill moves them)", 1),
+    ("close: reduce-only market orders, all at once", 1),
+    ("verify: read open orders | positions", 1),
+)
+"""The round trips a verified flatten needs one after the other; within a line they overlap."""
 
 
 # --------------------------------------------------------------------------- timing
@@ -107,6 +142,8 @@ class RunResult:
     """Why the sandbox's admin view says the venue is not flat; None when it is."""
     spans: list[Span] = field(default_factory=list)
     extra: dict[str, float] = field(default_factory=dict)
+    cut: Breakdown | None = None
+    """(a): request -> first cancel, cut at each layer's milestones."""
 
     @property
     def ok(self) -> bool:
@@ -137,18 +174,24 @@ async def run_temporal(stack: Stack, pair: list[SandboxAccount]) -> RunResult:
     request = KillSwitchInput(accounts=names, reason="bench K1", requested_by="bench")
     stack.clock.marks.clear()
     with contextlib.redirect_stdout(io.StringIO()):  # the console notifier's message
-        go = time.monotonic()
+        go_wall, go = time.time(), time.monotonic()
         handle = await cli_start_kill(stack.temporal.client, request, stack.settings)
         report: KillReport = await handle.result()
         wall = time.monotonic() - go
     spans = [Span(n, a, s - go, e - go) for n, a, s, e in stack.clock.marks]
-    return RunResult(
+    result = RunResult(
         "a",
         verified_at(spans),
         report.outcome is KillOutcome.VERIFIED,
         spans=spans,
         extra={"time_to_flat_s": report.time_to_flat_s or float("nan"), "wall_to_result": wall},
     )
+    first = await first_cancel(stack, {a.api_key for a in pair}, go_wall)
+    if first is not None:
+        result.extra["first_cancel_ms"] = first.ms
+        names_by_key = {a.api_key: a.futures for a in pair}
+        result.cut = await cut_first_cancel(stack, handle, go_wall, first, names_by_key)
+    return result
 
 
 # --------------------------------------------------------------------------- (b) direct floor
@@ -183,9 +226,13 @@ async def run_direct(stack: Stack, pair: list[SandboxAccount]) -> RunResult:
     acts = KillActivities(stack.gateway)
     tag = "bn" + secrets.token_hex(4)
     spans: list[Span] = []
-    go = time.monotonic()
+    go_wall, go = time.time(), time.monotonic()
     done = await asyncio.gather(*(direct_one(acts, n, tag, go, spans) for n in names))
-    return RunResult("b", verified_at(spans), all(done), spans=spans)
+    result = RunResult("b", verified_at(spans), all(done), spans=spans)
+    first = await first_cancel(stack, {a.api_key for a in pair}, go_wall)
+    if first is not None:
+        result.extra["first_cancel_ms"] = first.ms
+    return result
 
 
 # --------------------------------------------------------------------------- (c) naive ccxt
@@ -282,7 +329,7 @@ async def one_run(stack: Stack, variant: str, spec: dict[str, Any], label: str) 
 
 async def measure(stack: Stack, runs: int, naive_runs: int) -> dict[str, list[RunResult]]:
     results: dict[str, list[RunResult]] = {v: [] for v in VARIANTS}
-    warm = [await one_run(stack, v, WARMUP, "warm-up") for v in VARIANTS]
+    warm = [await one_run(stack, v, WARMUP, "warm-up") for v in VARIANTS if v != "c" or naive_runs]
     results["warm-up"] = warm
     for i in range(runs):
         order = ("a", "b") if i % 2 == 0 else ("b", "a")  # no variant always goes first
@@ -339,7 +386,43 @@ def gaps(results: list[RunResult]) -> str:
     return ", ".join(parts) + f" (sum {total:.0f} ms)"
 
 
-def report(results: dict[str, list[RunResult]], http429: int, eager: bool) -> tuple[str, bool]:
+def rtt_floor_s() -> float:
+    return sum(n for _, n in PROTOCOL_RTTS) * LATENCY_MS / 1000
+
+
+def report_speed(results: dict[str, list[RunResult]], floor: CancelFloor) -> tuple[float, float]:
+    """Request -> first cancel against its floor, K1 against the RTT-bound floor; returns
+    (median first cancel ms of a, a / RTT-bound floor)."""
+    firsts = [r.extra["first_cancel_ms"] for r in results["a"] if "first_cancel_ms" in r.extra]
+    first_ms = median(firsts)
+    first_b = median(
+        [r.extra["first_cancel_ms"] for r in results["b"] if "first_cancel_ms" in r.extra]
+    )
+    print(
+        f"(a) request -> first cancel applied at the venue: median {first_ms:.1f} ms over "
+        f"{len(firsts)} run(s) (target <= {TARGET_FIRST_CANCEL_MS:g} ms: "
+        f"{'met' if first_ms <= TARGET_FIRST_CANCEL_MS else 'NOT MET'}); floor, one direct "
+        f"cancel over ccxt: {floor.ms:.1f} ms to applied, {floor.rtt_ms:.1f} ms round trip "
+        f"(median of {len(floor.applied_ms)}); (b) direct activities: {first_b:.1f} ms"
+    )
+    print_breakdowns([r.cut for r in results["a"] if r.cut is not None], firsts)
+    bound = rtt_floor_s()
+    a_s, b_s = median([r.seconds for r in results["a"]]), median([r.seconds for r in results["b"]])
+    print(f"RTT-bound floor of a verified flatten: {bound * 1000:.0f} ms =")
+    for what, n in PROTOCOL_RTTS:
+        print(f"  {n} x {LATENCY_MS} ms  {what}")
+    ratio = a_s / bound
+    print(
+        f"(a)/RTT-bound = {ratio:.2f} (target <= {TARGET_RTT:g}: "
+        f"{'met' if ratio <= TARGET_RTT else 'NOT MET'}); (b)/RTT-bound = {b_s / bound:.2f}; "
+        f"one round trip over ccxt measured {floor.rtt_ms:.1f} ms"
+    )
+    return first_ms, ratio
+
+
+def report(
+    results: dict[str, list[RunResult]], http429: int, eager: bool, floor: CancelFloor
+) -> tuple[str, bool]:
     medians = {v: median([r.seconds for r in results[v]]) for v in VARIANTS}
     print()
     print(
@@ -363,6 +446,7 @@ def report(results: dict[str, list[RunResult]], http429: int, eager: bool) -> tu
     for v in "ab":
         print(f"({v}) idle ms between an account's steps (median): {gaps(results[v])}")
     ab, ca = medians["a"] / medians["b"], medians["c"] / medians["a"]
+    first_ms, rtt_ratio = report_speed(results, floor)
     print(f"a/b = {ab:.2f} (target <= {TARGET_AB}: {'met' if ab <= TARGET_AB else 'NOT MET'})")
     print(f"c/a = {ca:.2f} (target >= {TARGET_CA:g}: {'met' if ca >= TARGET_CA else 'NOT MET'})")
     print(f"HTTP 429 answers during the measured runs: {http429} (must be 0)")
@@ -372,39 +456,85 @@ def report(results: dict[str, list[RunResult]], http429: int, eager: bool) -> tu
     if http429:
         shout(f"{http429} HTTP 429 answer(s)")
     ok = not failed and http429 == 0
-    return f"K1 a/b={ab:.2f} c/a={ca:.2f} http429={http429}", ok
+    last = (
+        f"K1 a/b={ab:.2f} c/a={ca:.2f} http429={http429} first_cancel_ms={first_ms:.1f} "
+        f"rtt_bound_ratio={rtt_ratio:.2f}"
+    )
+    return last, ok
 
 
 # --------------------------------------------------------------------------- main
 
 
-async def bench(runs: int, naive_runs: int, eager: bool) -> tuple[str, bool]:
+async def bench(args: argparse.Namespace) -> tuple[list[str], bool]:
+    runs, naive_runs, eager = args.runs, args.naive_runs, not args.no_eager
     with tempfile.TemporaryDirectory(prefix="bench-k1-") as tmp:
         pairs = make_pairs(len(VARIANTS) + 2 * runs + naive_runs)
-        async with open_stack(Path(tmp), pairs, bench_settings(), eager=eager) as stack:
+        singles = make_singles(1 + (1 + args.one_kill_runs + args.kills if args.kills else 0))
+        settings = bench_settings()
+        async with open_stack(Path(tmp), pairs, settings, eager=eager, singles=singles) as stack:
+            floor = await direct_cancel_floor(stack, stack.next_single(), args.floor_reps)
             results = await measure(stack, runs, naive_runs)
-    return report(results, stack.http429, eager)
+            fleet: FleetResult | None = None
+            if args.kills:  # last: it may scale the weight limits
+                fleet = await measure_fleet(
+                    stack, args.kills, args.one_kill_runs, args.fleet_budget
+                )
+    last, ok = report(results, stack.http429, eager, floor)
+    lines = [last]
+    if fleet is not None:
+        lines.insert(0, report_fleet(fleet))
+        ok = ok and fleet.ok
+    return lines, ok
+
+
+QUICK = {"runs": 1, "naive_runs": 0, "kills": 20, "one_kill_runs": 1, "floor_reps": 3}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.kill_switch", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.kill_switch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--runs", type=int, default=5, help="measured runs of (a) and (b)")
     p.add_argument("--naive-runs", type=int, default=1, help="measured runs of (c): ~1 min each")
+    p.add_argument(
+        "--kills", type=int, default=100, help="K100: concurrent kills, one per account (0: skip)"
+    )
+    p.add_argument("--one-kill-runs", type=int, default=3, help="K100: runs of the single kill")
+    p.add_argument(
+        "--fleet-budget",
+        choices=("per-account", "binance"),
+        default="per-account",
+        help="K100 weight limits: x kills (default) or Binance's single-IP budget",
+    )
+    p.add_argument("--floor-reps", type=int, default=9, help="direct cancels for the floor")
     p.add_argument(
         "--no-eager",
         action="store_true",
         help="dev server without system.enableActivityEagerExecution",
     )
-    return p.parse_args(argv)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()),
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    return args
 
 
 def main() -> None:
     args = parse_args()
     rc = 1
     try:
-        last, ok = asyncio.run(bench(args.runs, args.naive_runs, not args.no_eager))
+        lines, ok = asyncio.run(bench(args))
         rc = 0 if ok else 1
-        print(last)
+        for line in lines:
+            print(line)
     finally:
         exit_now(rc)
 

@@ -80,7 +80,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities import db_postgres
 from activities import snapshots as snapshots_module
-from activities.ratelimit import WINDOW_S, WeightLimiter
+from activities.ratelimit import WINDOW_S
 from activities.runbooks import Runbook, load_runbook
 from activities.snapshots import SnapshotActivities, content_checksum
 from activities.targets import SupervisorTarget
@@ -95,11 +95,11 @@ from bench.common import (
     fresh_budget,
     make_pairs,
     open_stack,
+    scale_weight_limits,
     seed,
     shout,
 )
 from bench.kill_switch import one_run
-from sandbox.admin_models import Limits
 from sandbox.strategy.config import Fault, StrategyConfig
 from sandbox.strategy.releases import build_release
 from sandbox.strategy.state import Database
@@ -389,19 +389,6 @@ async def snapshot_then_deploy_faulty(stack: Stack, scene: Scene) -> SnapshotRec
 
     await assert_eventually(storming, timeout=SETUP_TIMEOUT_S, interval=0.2)
     return snapshot
-
-
-async def widen_budget(stack: Stack, factor: int) -> None:
-    """The venue's per-minute weight limits and our limiters' budgets, times ``factor``."""
-    limits = (await stack.admin.stats()).limits
-    await stack.admin.set_limits(
-        Limits(
-            spot_weight_limit=(limits.spot_weight_limit or 0) * factor or None,
-            fapi_weight_limit=(limits.fapi_weight_limit or 0) * factor or None,
-        )
-    )
-    for host, limiter in list(stack.gateway.limiters.items()):
-        stack.gateway.limiters[host] = WeightLimiter(limiter.budget * factor)
 
 
 def weight_spent(stack: Stack) -> int:
@@ -740,7 +727,7 @@ async def measure(
     stack: Stack, scene: Scene, dsn: str, rows: dict[str, int], scratch: Path, budget_factor: int
 ) -> Measured:
     if budget_factor != 1:
-        await widen_budget(stack, budget_factor)
+        await scale_weight_limits(stack, budget_factor)
     print("floor (2) and warm-ups: the kill-switch activities, as bench.kill_switch runs them")
     await one_run(stack, "a", WARMUP, "warm-up")
     await one_run(stack, "b", WARMUP, "warm-up")
