@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -85,6 +86,58 @@ class _ClockInbound(ActivityInboundInterceptor):
             self._clock.marks.append((info.activity_type, account, started, time.monotonic()))
 
 
+class CpuMeter:
+    """CPU seconds spent by this process (the client and the in-process worker), the sandbox and
+    the Temporal dev server between ``start()`` and ``stop()``, from /proc (Linux): on a 2-core
+    machine it tells waiting on the network from waiting on a busy core."""
+
+    def __init__(self, sandbox_pid: int) -> None:
+        self.pids = {"worker+client": os.getpid(), "sandbox": sandbox_pid}
+        temporal = _child_pid("start-dev")
+        if temporal is not None:
+            self.pids["temporal"] = temporal
+        self._start: dict[str, float] = {}
+        self.spent: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._start = {name: _cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        self.spent = {n: _cpu_seconds(pid) - self._start[n] for n, pid in self.pids.items()}
+        return self.spent
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _child_pid(marker: str) -> int | None:
+    """A child of this process whose command line contains ``marker``."""
+    me = str(os.getpid())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if ppid == me and marker in cmdline:
+            return int(entry.name)
+    return None
+
+
+def cpu_line(spent: list[dict[str, float]], wall_s: list[float]) -> str:
+    """Median CPU seconds per process against the median wall time."""
+    names = list(spent[0]) if spent else []
+    parts = [f"{n} {statistics.median(s[n] for s in spent):.2f} s" for n in names]
+    return f"CPU {', '.join(parts)} in {statistics.median(wall_s):.2f} s wall (2 cores)"
+
+
 # --------------------------------------------------------------------------- the stack
 
 
@@ -100,6 +153,7 @@ class Stack:
     pairs: list[list[SandboxAccount]]
     singles: list[SandboxAccount]
     """Accounts handed out one by one (``next_single``), e.g. the 100-kills fleet."""
+    cpu: CpuMeter
     http429: int = 0
 
     def next_pair(self) -> list[SandboxAccount]:
@@ -200,6 +254,7 @@ async def open_stack(
                         accounts_file,
                         pairs,
                         list(singles),
+                        CpuMeter(sandbox.pid),
                     )
             finally:
                 await gateway.close()

@@ -211,7 +211,9 @@ async def cut_first_cancel(
         f"{r.method} {r.path} {1000 * (r.answered - r.arrived):.0f}" for r in reads[:6]
     )
     out.parts["venue reads before the cancel (at the venue)"] = at_venue * ms
-    out.parts["in the worker before the cancel (sign, parse, code)"] = (gap - at_venue) * ms
+    out.parts["in the worker before the cancel (parse, sign, connect, code)"] = (
+        gap - at_venue
+    ) * ms
     out.parts["cancel (arrives -> applied at the venue)"] = (cancel.answered - cancel.arrived) * ms
     if reads:
         out.notes.append(f"{kind}'s venue reads before its first cancel (ms at venue): {listed}")

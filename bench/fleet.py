@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from activities.venues import BUDGET_SHARE, VENUE_WEIGHT_BUDGETS
 from bench.common import (
     Stack,
     check_flat,
+    cpu_line,
     fresh_budget,
     scale_weight_limits,
     seed,
@@ -59,6 +61,9 @@ class FleetRun:
     weight: int
     first_cancel_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, float] = field(default_factory=dict)
+    """Median per kill: seconds in each activity type, and idle between them (``idle``)."""
 
     @property
     def ok(self) -> bool:
@@ -89,9 +94,11 @@ async def kill_each(stack: Stack, accounts: list[SandboxAccount], label: str) ->
         return report
 
     with contextlib.redirect_stdout(io.StringIO()):  # the console notifier's messages
+        stack.cpu.start()
         go_wall, go = time.time(), time.monotonic()
         results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
         wall_s = time.monotonic() - go
+        cpu = stack.cpu.stop()
     weight = sum(limiter.used() for limiter in stack.gateway.limiters.values())
     stats = await stack.admin.stats()
     looks = [e for kind, _, _, e in stack.clock.marks if kind == "snapshot_venue_state"]
@@ -115,6 +122,8 @@ async def kill_each(stack: Stack, accounts: list[SandboxAccount], label: str) ->
         weight=weight,
         first_cancel_ms=sorted(first_cancels_per_key(journal, go_wall).values()),
         errors=errors,
+        cpu=cpu,
+        steps=per_kill_steps(stack.clock.marks, go),
     )
     if stats.count_418:
         run.problem = f"{stats.count_418} answer(s) 418 (IP ban)"
@@ -129,6 +138,25 @@ async def kill_each(stack: Stack, accounts: list[SandboxAccount], label: str) ->
     if not run.ok:
         shout(f"{label}: {run.verified}/{run.kills} verified, {run.problem}, {run.errors[:2]}")
     return run
+
+
+def per_kill_steps(marks: list[tuple[str, str, float, float]], go: float) -> dict[str, float]:
+    """Median over kills of the seconds each spent per activity type, and idle (no activity of
+    its own running: Temporal's start, dispatch and step boundaries, from go to its last end)."""
+    per: dict[str, dict[str, float]] = {}
+    ends: dict[str, list[tuple[float, float]]] = {}
+    for kind, account, start, end in marks:
+        mine = per.setdefault(account, {})
+        mine[kind] = mine.get(kind, 0.0) + end - start
+        ends.setdefault(account, []).append((start, end))
+    for account, spans in ends.items():
+        busy, edge = 0.0, go
+        for start, end in sorted(spans):
+            busy += max(0.0, end - max(start, edge))
+            edge = max(edge, end)
+        per[account]["idle"] = edge - go - busy
+    kinds = sorted({k for steps in per.values() for k in steps})
+    return {k: statistics.median(s.get(k, 0.0) for s in per.values()) for k in kinds}
 
 
 @dataclass
@@ -189,6 +217,21 @@ def report_fleet(result: FleetResult) -> str:
         f"{beyond:.0f} s more than the first minute allows"
         + (" (this run: limits x kills)" if result.budget == "per-account" else "")
     )
+    print(
+        f"K100: one kill: {cpu_line([r.cpu for r in result.one], [r.wall_s for r in result.one])}"
+    )
+    print(f"K100: {many.kills} kills: {cpu_line([many.cpu], [many.wall_s])}")
+    cores = os.cpu_count() or 1
+    core_s = sum(v for v in many.cpu.values() if v == v)  # nan: a process we could not read
+    per_kill_ms = core_s / many.kills * 1000
+    print(
+        f"K100: CPU-bound: the {many.kills} kills used {core_s:.2f} core-s ({per_kill_ms:.0f} ms "
+        f"per kill: worker, sandbox, Temporal); on {cores} cores that alone takes >= "
+        f"{core_s / cores:.2f} s = {core_s / cores / result.one_s:.1f}x one kill"
+    )
+    for label, run in (("one kill", result.one[-1]), (f"{many.kills} kills", many)):
+        steps = ", ".join(f"{k} {v:.3f}" for k, v in run.steps.items())
+        print(f"K100: {label}, median s per kill: {steps}")
     if not result.ok:
         shout("K100: not every kill was verified flat without 429s")
     return (

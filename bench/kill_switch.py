@@ -67,6 +67,7 @@ from bench.common import (
     Stack,
     bench_settings,
     check_flat,
+    cpu_line,
     fresh_budget,
     make_pairs,
     make_singles,
@@ -144,6 +145,8 @@ class RunResult:
     extra: dict[str, float] = field(default_factory=dict)
     cut: Breakdown | None = None
     """(a): request -> first cancel, cut at each layer's milestones."""
+    cpu: dict[str, float] = field(default_factory=dict)
+    """(a): CPU seconds per process from go to the result."""
 
     @property
     def ok(self) -> bool:
@@ -174,10 +177,12 @@ async def run_temporal(stack: Stack, pair: list[SandboxAccount]) -> RunResult:
     request = KillSwitchInput(accounts=names, reason="bench K1", requested_by="bench")
     stack.clock.marks.clear()
     with contextlib.redirect_stdout(io.StringIO()):  # the console notifier's message
+        stack.cpu.start()
         go_wall, go = time.time(), time.monotonic()
         handle = await cli_start_kill(stack.temporal.client, request, stack.settings)
         report: KillReport = await handle.result()
         wall = time.monotonic() - go
+        cpu = stack.cpu.stop()
     spans = [Span(n, a, s - go, e - go) for n, a, s, e in stack.clock.marks]
     result = RunResult(
         "a",
@@ -185,6 +190,7 @@ async def run_temporal(stack: Stack, pair: list[SandboxAccount]) -> RunResult:
         report.outcome is KillOutcome.VERIFIED,
         spans=spans,
         extra={"time_to_flat_s": report.time_to_flat_s or float("nan"), "wall_to_result": wall},
+        cpu=cpu,
     )
     first = await first_cancel(stack, {a.api_key for a in pair}, go_wall)
     if first is not None:
@@ -198,28 +204,48 @@ async def run_temporal(stack: Stack, pair: list[SandboxAccount]) -> RunResult:
 
 
 async def direct_one(
-    acts: KillActivities, account: str, tag: str, go: float, spans: list[Span]
+    acts: KillActivities,
+    account: str,
+    tag: str,
+    go: float,
+    spans: list[Span],
+    dead_man: bool = True,
 ) -> bool:
-    """The same activities, same order and requests as the workflow, awaited directly."""
+    """The same activities and requests as the workflow, awaited directly: the halt (arming the
+    dead-man) runs beside the first cancel, never before it (issue 8); cancel, flatten and
+    verify follow each other, round after round. ``dead_man=False``: no halt (a caller that
+    stopped the sender itself, as the rollback saga does)."""
     env = ActivityEnvironment()
 
     def step(name: str, fn: Callable[[Any], Awaitable[T]], request: Any) -> Awaitable[T]:
         return timed(spans, name, account, go, env.run(fn, request))
 
-    await step("halt_account", acts.halt, HaltRequest(account=account))
-    for round_no in range(1, MAX_ROUNDS + 1):
-        await step("cancel_all", acts.cancel_all, CancelAllRequest(account=account))
-        prefix = f"{tag}r{round_no}"
-        flatten = FlattenRequest(account=account, client_id_prefix=prefix)
-        flat = await step("flatten", acts.flatten, flatten)
-        look = AccountRequest(account=account)
-        snap = await step("snapshot_venue_state", acts.snapshot_venue_state, look)
-        if not snap.open_orders and not unverified_positions(snap, flat.dust):
-            return True
-    return False
+    async def unwind() -> bool:
+        for round_no in range(1, MAX_ROUNDS + 1):
+            await step("cancel_all", acts.cancel_all, CancelAllRequest(account=account))
+            prefix = f"{tag}r{round_no}"
+            flatten = FlattenRequest(account=account, client_id_prefix=prefix)
+            flat = await step("flatten", acts.flatten, flatten)
+            look = AccountRequest(account=account)
+            snap = await step("snapshot_venue_state", acts.snapshot_venue_state, look)
+            if not snap.open_orders and not unverified_positions(snap, flat.dust):
+                return True
+        return False
+
+    if not dead_man:
+        return await unwind()
+    _, verified = await asyncio.gather(
+        step("halt_account", acts.halt, HaltRequest(account=account)), unwind()
+    )
+    return verified
 
 
-async def run_direct(stack: Stack, pair: list[SandboxAccount]) -> RunResult:
+async def run_direct_without_dead_man(stack: Stack, pair: list[SandboxAccount]) -> RunResult:
+    """(b) without the halt: the rollback saga's kill (its sender is already stopped)."""
+    return await run_direct(stack, pair, dead_man=False)
+
+
+async def run_direct(stack: Stack, pair: list[SandboxAccount], dead_man: bool = True) -> RunResult:
     names = [a.futures for a in pair]
     for name in names:
         await stack.gateway.session(name)
@@ -227,7 +253,7 @@ async def run_direct(stack: Stack, pair: list[SandboxAccount]) -> RunResult:
     tag = "bn" + secrets.token_hex(4)
     spans: list[Span] = []
     go_wall, go = time.time(), time.monotonic()
-    done = await asyncio.gather(*(direct_one(acts, n, tag, go, spans) for n in names))
+    done = await asyncio.gather(*(direct_one(acts, n, tag, go, spans, dead_man) for n in names))
     result = RunResult("b", verified_at(spans), all(done), spans=spans)
     first = await first_cancel(stack, {a.api_key for a in pair}, go_wall)
     if first is not None:
@@ -306,12 +332,15 @@ VARIANTS: dict[str, tuple[str, Runner]] = {
 }
 
 
-async def one_run(stack: Stack, variant: str, spec: dict[str, Any], label: str) -> RunResult:
-    """Seed a fresh pair, start from a fresh weight window, run, then judge on the admin view."""
+async def one_run(
+    stack: Stack, variant: str, spec: dict[str, Any], label: str, runner: Runner | None = None
+) -> RunResult:
+    """Seed a fresh pair, start from a fresh weight window, run (``variant``'s runner unless
+    ``runner`` is given), then judge on the admin view."""
     pair = stack.next_pair()
     await seed(stack, pair, spec)
     await fresh_budget(stack)
-    result = await VARIANTS[variant][1](stack, pair)
+    result = await (runner or VARIANTS[variant][1])(stack, pair)
     stats = await stack.admin.stats()
     if label != "warm-up":
         stack.http429 += stats.count_429
@@ -437,6 +466,10 @@ def report(
         print(f"({v}) {title:<32}{len(secs):>5}{medians[v]:>10.3f}{low:>9.3f}{high:>9.3f}")
     for key in ("time_to_flat_s", "wall_to_result"):
         print(f"(a) {key} median: {median([r.extra[key] for r in results['a']]):.3f} s")
+    measured = [r for r in results["a"] if r.cpu]
+    if measured:
+        walls = [r.extra["wall_to_result"] for r in measured]
+        print(f"(a) {cpu_line([r.cpu for r in measured], walls)}")
     naive = results["c"]
     if naive and medians["c"] > 20:
         print(f"(c) ran {len(naive)} time(s) only (--naive-runs): slow by design, >20 s per run")
