@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 DEAD_MAN_TRIES = 3
 """Tries per symbol for a countdown the venue answered 5xx to (quick, inside the halt: it runs
 beside the cancels and a retry of the whole activity would re-arm every symbol)."""
+DEAD_MAN_CONCURRENCY = 16
+"""Countdown calls in flight at once per halt (aiohttp pools 100 connections per session)."""
 DEAD_MAN_REARM_WITHIN_S = 60.0
 """A countdown this process armed less than this long ago (and still past half its time) is
 not armed again: a second kill within the minute spends no weight on it."""
@@ -118,12 +120,17 @@ class KillActivities:
     ) -> dict[str, str]:
         """Arm (or disarm) every symbol on its own; returns symbol -> why it failed."""
 
+        # A few at a time: the halt runs beside the cancels, and must not take every pooled
+        # connection to the venue while they wait for one.
+        slots = asyncio.Semaphore(DEAD_MAN_CONCURRENCY)
+
         async def one(symbol: str) -> str | None:
             if seconds > 0 and venue.dead_man_running(symbol, seconds, DEAD_MAN_REARM_WITHIN_S):
                 return None
             for attempt in range(DEAD_MAN_TRIES):
                 try:
-                    await venue.arm_dead_man(symbol, seconds)
+                    async with slots:
+                        await venue.arm_dead_man(symbol, seconds)
                     return None
                 except AuthFailed:
                     raise

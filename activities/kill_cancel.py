@@ -122,8 +122,11 @@ class CancelSweep:
             cancels.extend(self._cancel(symbol, book) for symbol in sorted(listed))
             return True
 
-        results = await asyncio.gather(*(read(b) for b in self.books))
-        failed = [b for b, ok in zip(self.books, results, strict=True) if not ok]
+        # A book already seen empty is not listed again (a symbol-less listing weighs 40): the
+        # verify step looks at every book afresh.
+        books = [b for b in self.books if not self.read_ok_last.get(b) or self.last[b]]
+        results = await asyncio.gather(*(read(b) for b in books))
+        failed = [b for b, ok in zip(books, results, strict=True) if not ok]
         if failed:
             for symbol, book in await self._blind_targets(failed):
                 cancels.append(self._cancel(symbol, book))

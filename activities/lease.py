@@ -68,9 +68,11 @@ class LeaseActivities:
                     await self._acknowledged(db, account, request.from_version, fenced.epoch)
                 progress["phase"] = f"{account}: cancelling"
                 result = await self.kill.cancel_all(CancelAllRequest(account=account))
-                if result.still_open:
+                if result.still_open or not result.complete:
+                    unread = "; ".join(f.error for f in result.failed_books)
                     raise ApplicationError(
-                        f"{account}: {len(result.still_open)} orders still open after the fence",
+                        f"{account}: {len(result.still_open)} orders still open after the fence"
+                        + (f" (not every book read or cancelled: {unread})" if unread else ""),
                         type="NotCancelled",
                     )
                 cancelled += result.orders_cancelled

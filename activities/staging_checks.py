@@ -229,7 +229,7 @@ class StagingChecks:
         look = await self.kill.snapshot_venue_state(AccountRequest(account=account))
         await self.kill.halt(HaltRequest(account=account, dead_man_seconds=0, symbols=[symbol]))
         elapsed = time.perf_counter() - started
-        ok = not look.open_orders and not look.positions
+        ok = not look.open_orders and not look.positions and not look.unread_books
         detail = (
             f"flat with nothing open {elapsed:.2f}s after the kill"
             if ok

@@ -372,10 +372,11 @@ class ReleaseCheck:
             )
         for account in runbook.accounts:
             look = await self.kill.snapshot_venue_state(AccountRequest(account=account))
-            if look.open_orders or look.positions:
+            if look.open_orders or look.positions or look.unread_books:
                 return (
                     f"staging account {account} is not clean ({len(look.open_orders)} open orders, "
-                    f"{len(look.positions)} positions): a check only touches what it opened"
+                    f"{len(look.positions)} positions, unread: {look.unread_books or 'none'}): "
+                    "a check only touches what it opened"
                 )
         return None
 
@@ -421,7 +422,7 @@ class ReleaseCheck:
             prefix = f"{tag}r{n}"
             await self.kill.flatten(FlattenRequest(account=account, client_id_prefix=prefix))
             look = await self.kill.snapshot_venue_state(AccountRequest(account=account))
-            if not look.open_orders and not look.positions:
+            if not look.open_orders and not look.positions and not look.unread_books:
                 return []
         return [
             f"{account}: {len(look.open_orders)} open orders, {len(look.positions)} positions left"
