@@ -12,7 +12,7 @@ from rich.console import Console
 from temporalio.client import Client
 
 from worker.settings import Settings
-from worker.temporal_client import TemporalUnreachable, connect
+from worker.temporal_client import TemporalUnreachable, connect, quiet_runtime
 from workflows.shared import ExitCode
 
 T = TypeVar("T")
@@ -80,9 +80,11 @@ def exit_codes_help() -> str:
 
 
 async def connect_or_abort(settings: Settings) -> Client:
-    """A Temporal client, or one clear line and UNREACHABLE (BAD_INPUT for unusable TLS)."""
+    """A Temporal client, or one clear line and UNREACHABLE (BAD_INPUT for unusable TLS).
+
+    On the quiet runtime: the SDK's own retry warnings never reach the operator's terminal."""
     try:
-        return await connect(settings)
+        return await connect(settings, runtime=quiet_runtime())
     except TemporalUnreachable as e:
         abort(str(e), ExitCode.UNREACHABLE)
     except ValueError as e:  # unusable TLS settings

@@ -6,7 +6,9 @@ it into an exit code. Also the one way an operator's answer (an update) is sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from activities.accounts import ConfigError
 from activities.rollback_plan import find_runbook
 from worker.cli_common import abort, connect_or_abort, console, err_console, run_async
 from worker.settings import Settings
-from worker.temporal_client import live_pollers
+from worker.temporal_client import STALL_AFTER_S, Waiting, waiting_work
 from workflows.shared import ExitCode
 
 M = TypeVar("M", bound=BaseModel)
@@ -79,28 +81,56 @@ class Start:
     result_type: type
     execution_timeout: timedelta | None
     already_running: str | None = None
-    """Refuse with this message (BAD_INPUT, nothing started) when the id runs; None: join it."""
+    """Refuse with this message (BAD_INPUT, nothing started) when the id runs and there is no
+    ``join``."""
     search_attributes: TypedSearchAttributes | None = None
+    join: Callable[[Client, WorkflowHandle], Awaitable[bool]] | None = None
+    """Join the running workflow of that id (and say so); False: it had finished meanwhile, so
+    start a new one."""
+
+
+JOIN_ATTEMPTS = 3
+"""A running workflow that finishes while we join it is started anew; this many times at most."""
 
 
 async def start(client: Client, settings: Settings, spec: Start) -> WorkflowHandle:
-    refuse = spec.already_running is not None
-    try:
-        return await client.start_workflow(
-            spec.workflow,
-            spec.arg,
-            id=spec.workflow_id,
-            task_queue=settings.task_queue,
-            id_conflict_policy=(
-                WorkflowIDConflictPolicy.FAIL if refuse else WorkflowIDConflictPolicy.USE_EXISTING
-            ),
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            search_attributes=spec.search_attributes,
-            execution_timeout=spec.execution_timeout,
-            result_type=spec.result_type,
-        )
-    except WorkflowAlreadyStartedError:
-        abort(spec.already_running or f"{spec.workflow_id} is already running", ExitCode.BAD_INPUT)
+    """Start ``spec`` under its id; when that id runs: refuse, or join it (``spec.join``).
+
+    Never USE_EXISTING: a silent join drops the second request's reason, requester and scope.
+    """
+    for _ in range(JOIN_ATTEMPTS):
+        try:
+            return await client.start_workflow(
+                spec.workflow,
+                spec.arg,
+                id=spec.workflow_id,
+                task_queue=settings.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                search_attributes=spec.search_attributes,
+                execution_timeout=spec.execution_timeout,
+                result_type=spec.result_type,
+            )
+        except WorkflowAlreadyStartedError:
+            if spec.join is None:
+                abort(
+                    spec.already_running or f"{spec.workflow_id} is already running",
+                    ExitCode.BAD_INPUT,
+                )
+            handle = client.get_workflow_handle(spec.workflow_id, result_type=spec.result_type)
+            if await spec.join(client, handle):
+                return handle
+        except RPCError as e:
+            abort(
+                f"cannot start {spec.workflow_id}: Temporal at {settings.temporal_address} "
+                f"answered {e.status.name if e.status else 'an error'}: {e.message}",
+                ExitCode.UNREACHABLE,
+            )
+    abort(
+        f"{spec.workflow_id} finished {JOIN_ATTEMPTS} times while this request joined it: "
+        f"see breakglass status {spec.workflow_id}",
+        ExitCode.WORKFLOW_FAILED,
+    )
 
 
 async def query_or_none(handle: WorkflowHandle, query: Callable[..., Any]) -> Any | None:
@@ -127,6 +157,99 @@ async def watch(
     return await result
 
 
+REMIND_S = 30.0
+"""While no worker does the work, the warning is repeated this often (with how long it waited)."""
+WATCH_S = 1.0
+"""How often the follower asks the server whether a worker is on it (a describe, no worker
+needed)."""
+
+
+class WorkerWatch:
+    """Says on stderr, within seconds, when no worker does a started workflow's work (none
+    polls, or the one that did just died), again while that lasts, and when a worker picks it
+    up. Asks the server, never the worker: the status query needs the very worker that is gone.
+    """
+
+    def __init__(self, client: Client, workflow_id: str, task_queue: str, noun: str) -> None:
+        self.client = client
+        self.workflow_id = workflow_id
+        self.task_queue = task_queue
+        self.noun = noun
+        self.warned_at: float | None = None
+        self.waited_s = 0.0
+
+    def _warning(self, waiting: Waiting, again: bool) -> str:
+        what = f"the {self.noun} {self.workflow_id}"
+        if waiting.activity is not None:
+            what = f"{waiting.activity} of {what}"
+        still = "still " if again else ""
+        if waiting.no_pollers:
+            return (
+                f"warning: {still}no worker is polling task queue {self.task_queue!r}: {what} "
+                "is queued and runs as soon as a worker starts (breakglass dev up, or deploy one)"
+            )
+        if waiting.started:
+            return (
+                f"warning: {still}no worker has answered for {waiting.since_s:.0f}s: the worker "
+                f"that took {what} may have died; it goes on when another worker polls task "
+                f"queue {self.task_queue!r}"
+            )
+        return (
+            f"warning: {still}no worker has picked up {what} for {waiting.since_s:.0f}s (a "
+            f"worker on task queue {self.task_queue!r} may have just died): it is queued and "
+            "goes on as soon as a worker polls (breakglass dev up, or start one)"
+        )
+
+    async def check(self) -> Waiting | None:
+        """One look; print what changed. Server trouble is left to the result's await."""
+        try:
+            waiting = await waiting_work(self.client, self.workflow_id, self.task_queue)
+        except (RPCError, TimeoutError):
+            return None
+        now = time.monotonic()
+        if waiting is not None and waiting.stalled():
+            if self.warned_at is None or now - self.warned_at >= REMIND_S:
+                err_console.print(self._warning(waiting, self.warned_at is not None), markup=False)
+                self.warned_at = now
+            self.waited_s = max(self.waited_s, waiting.since_s)
+        elif self.warned_at is not None:
+            err_console.print(
+                f"a worker picked up the {self.noun} {self.workflow_id} after "
+                f"{self.waited_s:.0f}s of waiting",
+                markup=False,
+            )
+            self.warned_at = None
+            self.waited_s = 0.0
+        return waiting
+
+    async def first_look(self) -> None:
+        """For a command that does not follow (``--detach``): wait until a worker took the
+        first task or the warning is given, at most a little over the stall time."""
+        deadline = time.monotonic() + STALL_AFTER_S + 1.0
+        while time.monotonic() < deadline:
+            waiting = await self.check()
+            if self.warned_at is not None or waiting is None or waiting.started:
+                return
+            await asyncio.sleep(0.2)
+
+    async def run(self) -> None:
+        while True:
+            await self.check()
+            await asyncio.sleep(WATCH_S)
+
+
+def lost_contact(settings: Settings, workflow_id: str, noun: str, error: RPCError) -> NoReturn:
+    """The server went away while following: the workflow is durable and goes on without us."""
+    reason = error.status.name if error.status else "error"
+    abort(
+        f"lost contact with Temporal at {settings.temporal_address} ({reason}: {error.message}) "
+        f"while following {workflow_id}: the {noun} goes on on the server; follow it with "
+        f"`breakglass status {workflow_id}` once Temporal answers "
+        f"(UI {settings.ui_url_for(workflow_id)})",
+        ExitCode.UNREACHABLE,
+    )
+
+
 async def launch(
     settings: Settings,
     spec: Start,
@@ -138,28 +261,42 @@ async def launch(
     follow: Callable[[WorkflowHandle], Awaitable[R]],
     emit: Callable[[R], ExitCode],
     warn_without_worker: bool = True,
+    on_started: Callable[[WorkflowHandle], None] | None = None,
 ) -> ExitCode:
     """Connect, start ``spec``, then either print its id (``--detach``) or follow it to its
-    report; a failed workflow is one line and WORKFLOW_FAILED."""
+    report; a failed workflow is one line and WORKFLOW_FAILED, a server lost meanwhile one line
+    and UNREACHABLE. Meanwhile a ``WorkerWatch`` says when no worker does the work.
+    ``on_started`` runs once the workflow is started (or joined), after the header."""
     client = await connect_or_abort(settings)
     handle = await start(client, settings, spec)
-    if warn_without_worker and not await live_pollers(client, settings.task_queue):
-        # Started and durable, but nothing will happen until a worker runs: say so loudly.
-        err_console.print(
-            f"warning: no worker is polling task queue {settings.task_queue!r}: the {noun} is "
-            "queued and runs as soon as a worker starts (breakglass dev up, or deploy one)",
-            markup=False,
-        )
+    watch_workers = WorkerWatch(client, handle.id, settings.task_queue, noun)
     if detach:
+        if on_started is not None:
+            on_started(handle)
+        if warn_without_worker:
+            await watch_workers.first_look()
         print(handle.id)
         return ExitCode.OK
     if not as_json:
-        console.print(f"{title} {handle.id} · UI {settings.ui_url_for(handle.id)}")
+        console.print(f"{title} {handle.id} · UI {settings.ui_url_for(handle.id)}", markup=False)
+    if on_started is not None:
+        on_started(handle)
+    watching = asyncio.ensure_future(watch_workers.run() if warn_without_worker else _idle())
     try:
         report = await follow(handle)
     except WorkflowFailureError as e:
         abort(f"{noun} {handle.id} failed: {e.cause or e}", ExitCode.WORKFLOW_FAILED)
+    except RPCError as e:
+        lost_contact(settings, handle.id, noun, e)
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
     return emit(report)
+
+
+async def _idle() -> None:
+    await asyncio.Event().wait()
 
 
 def answer(
