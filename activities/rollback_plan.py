@@ -20,7 +20,7 @@ from activities.runbooks import Runbook, load_runbook
 from activities.snapshot_catalog import SnapshotCatalog
 from activities.targets.base import DeployTarget
 from workflows.deploy_models import StrategyRef
-from workflows.rollback_models import RollbackInput, RollbackPlan
+from workflows.rollback_models import RollbackInput, RollbackPlan, SystemLocation
 from workflows.snapshot_models import SnapshotRecord
 
 NOT_RUNBOOKS = {"accounts.yaml"}
@@ -102,6 +102,24 @@ class RollbackPlanner:
     async def plan(self, request: RollbackInput) -> RollbackPlan:
         async with heartbeating({"phase": "planning"}):
             return await self._plan(request)
+
+    @activity.defn(name="locate_system")
+    async def locate(self, request: RollbackInput) -> SystemLocation:
+        """Where the system is, from its runbook alone: what a safe stop halts, stops and
+        cancels when the plan failed (no versions, no snapshot needed)."""
+        async with heartbeating({"phase": "locating"}):
+            try:
+                runbook = await asyncio.to_thread(
+                    find_runbook, self.runbooks_dir, request.strategy, request.env
+                )
+            except ConfigError as e:
+                raise _refuse(str(e), "ConfigError") from None
+        return SystemLocation(
+            ref=runbook.ref,
+            accounts=runbook.accounts,
+            database=runbook.database,
+            timeouts=runbook.timeouts,
+        )
 
     async def _plan(self, request: RollbackInput) -> RollbackPlan:
         try:

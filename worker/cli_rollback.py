@@ -78,15 +78,33 @@ async def _watch(handle: WorkflowHandle, as_json: bool) -> RollbackReport:
     return report
 
 
+def outcome_line(report: RollbackReport) -> str:
+    """What the rollback did, in one line: the versions once rolled back; after a safe stop,
+    what was halted, stopped and cancelled (or that nothing was), then why."""
+    if report.outcome is RollbackOutcome.ROLLED_BACK:
+        line = (
+            f"{report.outcome.value}: {report.version_from or 'none'} -> {report.version_to}, "
+            f"positions {report.flatten or 'untouched'}"
+        )
+    else:
+        step = report.failed_step.value if report.failed_step else "?"
+        stop = report.safe_stop
+        what = (
+            stop.summary()
+            if stop is not None
+            else "what was stopped is not in the report (recorded by an older worker): check"
+        )
+        line = f"{report.outcome.value} at {step}: {what}"
+        if report.version_to is not None:
+            line += f" (rolling back {report.version_from or 'none'} -> {report.version_to})"
+    return line + (f"; {report.error}" if report.error else "")
+
+
 def _emit(report: RollbackReport, as_json: bool) -> ExitCode:
     if as_json:
         print(report.model_dump_json(indent=2))
     else:
-        console.print(
-            f"{report.outcome.value}: {report.version_from} -> {report.version_to}, "
-            f"positions {report.flatten or 'untouched'}"
-            + (f"; {report.error}" if report.error else "")
-        )
+        console.print(outcome_line(report), markup=False, soft_wrap=True)
         for c in report.reconcile.corrections if report.reconcile else []:
             console.print(
                 f"  reconciled {c.table} {c.key}: database said {c.database}, "
@@ -204,10 +222,7 @@ async def rollback_status(
         if as_json:
             print(report.model_dump_json(indent=2))
         else:
-            console.print(
-                f"{workflow_id}: {report.outcome.value} ({report.version_from} -> "
-                f"{report.version_to}, positions {report.flatten or 'untouched'})"
-            )
+            console.print(f"{workflow_id}: {outcome_line(report)}", markup=False, soft_wrap=True)
         return ExitCode.OK if report.outcome is RollbackOutcome.ROLLED_BACK else ExitCode.UNVERIFIED
     # No worker answering: the state alone is still worth showing.
     status: RollbackStatus | None = await query_or_none(handle, RollbackWorkflow.status)

@@ -102,6 +102,7 @@ def rollback_activities(settings: Settings) -> list[Callable[..., Any]]:
     planner = RollbackPlanner(settings.runbooks_dir, targets.target, catalog)
     return [
         planner.plan,
+        planner.locate,
         DeployPlanner(settings.runbooks_dir, targets.target).plan,
         TradingStateActivities().set_state,
         snapshots.snapshot,

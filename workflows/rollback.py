@@ -41,7 +41,9 @@ with workflow.unsafe.imports_passed_through():
         RollbackReport,
         RollbackStatus,
         RollbackStep,
+        SafeStopReport,
         StepTimeouts,
+        SystemLocation,
         TimelineEntry,
         TradingState,
         TradingStateChange,
@@ -72,6 +74,21 @@ RECONCILE_PATCH = "reconcile-before-active"
 """Runs recorded before the reconcile step existed replay without it."""
 TOGETHER_PATCH = "venue-and-restore-together"
 """Runs recorded before replay their sequential unwind (and two kills under ``auto``)."""
+LOCATE_PATCH = "safe-stop-without-plan"
+"""Runs recorded before: a safe stop whose plan had failed did nothing at all."""
+
+
+def _system(plan: RollbackPlan) -> SystemLocation:
+    """The part of a plan a kill and a safe stop need."""
+    return SystemLocation(
+        ref=plan.ref, accounts=plan.accounts, database=plan.database, timeouts=plan.timeouts
+    )
+
+
+def _cancelled(kill: KillReport) -> int | None:
+    """Orders a kill cancelled over its accounts; None when one account's count is unknown."""
+    counts = [a.orders_cancelled for a in kill.accounts]
+    return None if None in counts else sum(c or 0 for c in counts)
 
 
 class StepFailed(Exception):
@@ -243,13 +260,17 @@ class RollbackWorkflow:
         by the kill switch. With ``auto`` one flatten kill does both (it cancels first)."""
         if one_kill and plan.flatten is FlattenMode.AUTO:
             self._mark(RollbackStep.CANCEL_ALL, StepState.RUNNING, "by the flatten kill")
-            kill = await self._kill(plan, request, KillScope.FLATTEN, RollbackStep.FLATTEN)
-            cancelled = sum(a.orders_cancelled for a in kill.accounts)
-            detail = f"{cancelled} cancelled, verified by the flatten kill"
+            kill = await self._kill(_system(plan), request, KillScope.FLATTEN, RollbackStep.FLATTEN)
+            cancelled = _cancelled(kill)
+            detail = (
+                f"{'?' if cancelled is None else cancelled} cancelled, verified by the flatten kill"
+            )
             self._mark(RollbackStep.CANCEL_ALL, StepState.DONE, detail)
             self._record(flatten="flattened", kills=[kill])
             return
-        kill = await self._kill(plan, request, KillScope.CANCEL_ONLY, RollbackStep.CANCEL_ALL)
+        kill = await self._kill(
+            _system(plan), request, KillScope.CANCEL_ONLY, RollbackStep.CANCEL_ALL
+        )
         self._record(kills=[kill])
         flatten, kills = await self._flatten(plan, request)
         self._record(
@@ -308,11 +329,15 @@ class RollbackWorkflow:
                 detail = f"held: rejected by {self._approval.rejected_by}"
                 self._mark(RollbackStep.FLATTEN, StepState.SKIPPED, detail)
                 return f"held (rejected by {self._approval.rejected_by})", []
-        kill = await self._kill(plan, request, KillScope.FLATTEN, RollbackStep.FLATTEN)
+        kill = await self._kill(_system(plan), request, KillScope.FLATTEN, RollbackStep.FLATTEN)
         return "flattened", [kill]
 
     async def _kill(
-        self, plan: RollbackPlan, request: RollbackInput, scope: KillScope, step: RollbackStep
+        self,
+        system: SystemLocation,
+        request: RollbackInput,
+        scope: KillScope,
+        step: RollbackStep,
     ) -> KillReport:
         """The kill switch as a child: one implementation of cancel/flatten and their checks."""
         info = workflow.info()
@@ -321,16 +346,16 @@ class RollbackWorkflow:
             workflow.execute_child_workflow(
                 KillSwitchWorkflow.run,
                 KillSwitchInput(
-                    accounts=plan.accounts,
+                    accounts=system.accounts,
                     scope=scope,
-                    reason=f"rollback {plan.ref}: {request.reason}",
+                    reason=f"rollback {system.ref}: {request.reason}",
                     requested_by=request.requested_by,
                 ),
                 id=f"{info.workflow_id}/{step.value}",
                 execution_timeout=timedelta(
-                    seconds=plan.timeouts.flatten_s
+                    seconds=system.timeouts.flatten_s
                     if scope is KillScope.FLATTEN
-                    else plan.timeouts.cancel_s
+                    else system.timeouts.cancel_s
                 ),
             ),
             lambda k: f"{k.outcome.value} in {k.time_to_flat_s or 0:.2f}s",
@@ -396,47 +421,79 @@ class RollbackWorkflow:
 
     async def _safe_stop(self, request: RollbackInput, failure: StepFailed) -> None:
         """Leave the system where nobody is hurt: HALTED, not running, nothing open. Each part
-        is best effort and recorded; the report names the step that failed and why."""
-        plan = self._plan
+        is best effort and recorded; the report names the step that failed, why, and what was
+        (and was not) halted, stopped and cancelled.
+
+        Without a plan (the plan itself failed) the runbook still names the system: it is
+        located and stopped all the same; if even that fails, the report says nothing was
+        stopped (never "stopped safely")."""
         notes = [f"{failure.step.value} failed: {failure}"]
-        if plan is not None:
-            why = f"rollback {workflow.info().workflow_id} stopped safely: {failure}"
-            parts: list[tuple[str, Any]] = [
-                (
-                    "halt",
-                    self._activity(
-                        "set_trading_state",
-                        TradingStateRequest(
-                            database=plan.database,
-                            state=TradingState.HALTED,
-                            who=request.requested_by,
-                            why=why,
-                        ),
-                        TradingStateChange,
-                    ),
-                ),
-                (
-                    "stop",
-                    self._activity(
-                        "stop_strategy", StopRequest(ref=plan.ref, reason=why), StopResult
-                    ),
-                ),
-            ]
-            for name, call in parts:
-                try:
-                    await call
-                except (ActivityError, ApplicationError) as e:
-                    notes.append(f"{name} failed too: {failure_message(e)}")
-            # Cancelling again is harmless and guarantees "no orders" whatever step failed.
-            try:
-                kill = await self._kill(
-                    plan, request, KillScope.CANCEL_ONLY, RollbackStep.CANCEL_ALL
-                )
-                self._record(kills=[*self._draft.kills, kill])
-            except StepFailed as e:
-                notes.append(f"cancel-all failed too: {e}")
+        system = _system(self._plan) if self._plan is not None else None
+        stop = SafeStopReport(found=False, failures=["no plan: the system was not located"])
+        if system is None and workflow.patched(LOCATE_PATCH):
+            system, stop = await self._locate(request)
+        if system is not None:
+            stop = await self._stop_everything(request, system, failure)
+        notes += [f for f in stop.failures if f not in notes[0]]
         self._record(
-            outcome=RollbackOutcome.SAFE_STOP, failed_step=failure.step, error=" | ".join(notes)
+            outcome=RollbackOutcome.SAFE_STOP,
+            failed_step=failure.step,
+            error=" | ".join(notes),
+            safe_stop=stop,
+        )
+
+    async def _locate(self, request: RollbackInput) -> tuple[SystemLocation | None, SafeStopReport]:
+        try:
+            system: SystemLocation = await workflow.execute_activity(
+                "locate_system",
+                request,
+                result_type=SystemLocation,
+                start_to_close_timeout=SHORT_STEP,
+                heartbeat_timeout=PLAN_HEARTBEAT,
+                retry_policy=RetryPolicy(maximum_attempts=3),
+            )
+        except ActivityError as e:
+            return None, SafeStopReport(found=False, failures=[failure_message(e)])
+        return system, SafeStopReport()
+
+    async def _stop_everything(
+        self, request: RollbackInput, system: SystemLocation, failure: StepFailed
+    ) -> SafeStopReport:
+        why = f"rollback {workflow.info().workflow_id} stopped safely: {failure}"
+        failures: list[str] = []
+        halted: str | None = None
+        stopped: list[str] | None = None
+        cancelled: int | None = None
+        try:
+            change: TradingStateChange = await self._activity(
+                "set_trading_state",
+                TradingStateRequest(
+                    database=system.database,
+                    state=TradingState.HALTED,
+                    who=request.requested_by,
+                    why=why,
+                ),
+                TradingStateChange,
+            )
+            halted = change.message.split(" by ", 1)[0] if change.changed else "already HALTED"
+        except (ActivityError, ApplicationError) as e:
+            failures.append(f"halt failed too: {failure_message(e)}")
+        try:
+            result: StopResult = await self._activity(
+                "stop_strategy", StopRequest(ref=system.ref, reason=why), StopResult
+            )
+            stopped = result.stopped_versions
+        except (ActivityError, ApplicationError) as e:
+            failures.append(f"stop failed too: {failure_message(e)}")
+        # Cancelling again is harmless and guarantees "no orders" whatever step failed.
+        try:
+            kill = await self._kill(system, request, KillScope.CANCEL_ONLY, RollbackStep.CANCEL_ALL)
+            self._record(kills=[*self._draft.kills, kill])
+            cancelled = _cancelled(kill)
+        except StepFailed as e:
+            failures.append(f"cancel-all failed too: {e}")
+        return SafeStopReport(
+            halted=halted, stopped_versions=stopped, orders_cancelled=cancelled, failures=failures
         )
 
     # ------------------------------------------------------------------ plumbing
@@ -498,11 +555,21 @@ class RollbackWorkflow:
         )
 
     async def _notify(self, report: RollbackReport) -> None:
-        verb = "rolled back" if report.outcome is RollbackOutcome.ROLLED_BACK else "STOPPED SAFELY"
-        text = (
-            f"{report.strategy}/{report.env} {verb}: {report.version_from} -> {report.version_to}; "
-            f"positions {report.flatten or 'untouched'}; {report.error}".rstrip("; ")
-        )
+        if report.outcome is RollbackOutcome.ROLLED_BACK:
+            text = (
+                f"{report.strategy}/{report.env} rolled back: {report.version_from} -> "
+                f"{report.version_to}; positions {report.flatten or 'untouched'}"
+            )
+        else:
+            stop = report.safe_stop
+            verb = (
+                "STOPPED NOTHING"
+                if stop is None or not stop.found or stop.stopped_nothing
+                else "STOPPED SAFELY"
+            )
+            step = report.failed_step.value if report.failed_step else "?"
+            what = stop.summary() if stop is not None else "nothing was stopped"
+            text = f"{report.strategy}/{report.env} {verb} at {step}: {what}; {report.error}"
         try:
             await workflow.execute_activity(
                 "notify",

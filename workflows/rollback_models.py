@@ -95,6 +95,56 @@ class RollbackPlan(Model):
     """The runbook's step timeouts (plans recorded before they existed decode to the defaults)."""
 
 
+class SystemLocation(Model):
+    """What a rollback finds from the runbook alone when it has no plan (the plan failed):
+    enough to halt, stop and cancel the system."""
+
+    ref: StrategyRef
+    accounts: list[str]
+    database: DatabaseRef
+    timeouts: StepTimeouts = Field(default_factory=StepTimeouts)
+
+
+class SafeStopReport(Model):
+    """What a safe stop did, part by part (None: not done, or it failed: see ``failures``)."""
+
+    found: bool = True
+    """False: the system could not be found (no runbook); nothing was stopped."""
+    halted: str | None = None
+    """The trading-state change written to the strategy's database, e.g. ``ACTIVE -> HALTED``."""
+    stopped_versions: list[str] | None = None
+    """Versions the deploy target stopped ([]: none was running)."""
+    orders_cancelled: int | None = None
+    """Orders the cancel-all kill cancelled and verified gone (None: unknown)."""
+    failures: list[str] = Field(default_factory=list)
+
+    @property
+    def stopped_nothing(self) -> bool:
+        return self.halted is None and not self.stopped_versions and not self.orders_cancelled
+
+    def summary(self) -> str:
+        """One line for the operator: what was stopped, and what was not (why: the report's
+        ``error``, which carries ``failures``)."""
+        if not self.found:
+            return "stopped nothing: the system could not be found"
+        parts = [
+            f"halted ({self.halted})" if self.halted is not None else "NOT halted",
+            (
+                f"stopped {', '.join(self.stopped_versions)}"
+                if self.stopped_versions
+                else "no version was running"
+                if self.stopped_versions is not None
+                else "NOT stopped"
+            ),
+            (
+                f"{self.orders_cancelled} order(s) cancelled"
+                if self.orders_cancelled is not None
+                else "orders NOT verified cancelled"
+            ),
+        ]
+        return ("stopped nothing: " if self.stopped_nothing else "") + ", ".join(parts)
+
+
 class TradingStateRequest(Model):
     database: DatabaseRef
     state: TradingState
@@ -204,6 +254,9 @@ class RollbackReport(Model):
     reconcile: ReconcileResult | None = None
     failed_step: RollbackStep | None = None
     error: str = ""
+    safe_stop: SafeStopReport | None = None
+    """What a safe stop halted, stopped and cancelled (None: no safe stop, or recorded before
+    this field existed)."""
     timeline: list[TimelineEntry] = Field(default_factory=list)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 
@@ -28,9 +29,16 @@ from tests.fixtures.rollback import (
 )
 from tests.fixtures.venues import assert_no_order_sent_twice
 from tests.helpers import fresh_id
+from tests.worker.test_cli_kill import breakglass
 from workflows.rollback import RollbackWorkflow
-from workflows.rollback_models import RollbackInput, RollbackOutcome, RollbackStep
-from workflows.shared import KillOutcome, KillScope, StepState
+from workflows.rollback_models import (
+    RollbackInput,
+    RollbackOutcome,
+    RollbackReport,
+    RollbackStep,
+    rollback_workflow_id,
+)
+from workflows.shared import ExitCode, KillOutcome, KillScope, StepState
 from workflows.snapshot_models import DatabaseKind, RestoreResult
 
 pytestmark = pytest.mark.timeout(90)
@@ -186,3 +194,64 @@ async def test_rollback_brings_back_the_previous_version_end_to_end(
         ], history
         assert ("REDUCING", "HALTED", "pytest", why) not in history  # the snapshot's history
         print(timeline)
+
+
+async def test_a_rollback_whose_plan_fails_still_halts_stops_and_cancels(
+    client: Client, sandbox_admin: SandboxAdmin, rollback_scenario: Scenarios
+) -> None:
+    """The issue's case: the plan failed ("no snapshot of sample/demo at version 1.2.0"), the
+    CLI printed ``safe-stop: None -> None`` and the worker logged STOPPED SAFELY while the
+    strategy stayed ACTIVE with its version running. Without a plan, the runbook still names
+    the system: its database is HALTED, its target stopped, its orders cancelled, and the
+    report and the CLI say so; a system nobody can find is said to be stopped by nobody."""
+    async with rollback_scenario() as s, s.worker(client) as worker:
+        env = {
+            **os.environ,
+            "BREAKGLASS_TEMPORAL_ADDRESS": client.service_client.config.target_host,
+            "BREAKGLASS_TASK_QUEUE": worker.task_queue,
+            "BREAKGLASS_RUNBOOKS_DIR": str(s.runbooks),
+            "COLUMNS": "200",
+        }
+        run = await breakglass(
+            "rollback", "sample", "--env", s.env, "--to", "1.2.0", "--reason", "reject storm",
+            "--yes", "--as", "pytest", env=env,
+        )  # fmt: skip
+        handle = client.get_workflow_handle(
+            rollback_workflow_id("sample", s.env), result_type=RollbackReport
+        )
+        report = await handle.result()
+        assert report.outcome is RollbackOutcome.SAFE_STOP, report
+        assert report.failed_step is RollbackStep.PLAN
+        assert f"no snapshot of sample/{s.env} at version 1.2.0" in report.error
+
+        # The parts' own views: HALTED in its database, nothing running, no order left.
+        (state,) = await asyncio.to_thread(s.query, "SELECT state FROM trading_state")
+        assert state == ("HALTED",)
+        assert await s.target.running_versions() == []
+        after = await sandbox_admin.state(s.api_key)
+        assert [o for o in after.open_orders if o.order_id in s.orders_before] == []
+
+        # What the report and the operator are told.
+        stop = report.safe_stop
+        assert stop is not None and stop.found, report
+        assert stop.halted is not None and stop.halted.endswith("-> HALTED"), stop
+        assert stop.stopped_versions == [FAULTY], stop
+        assert stop.orders_cancelled is not None, stop
+        assert run.code == ExitCode.UNVERIFIED, run.err
+        assert "None" not in run.out, run.out
+        last = run.out.strip().splitlines()[-1]
+        assert last.startswith("safe-stop at plan:"), run.out
+        assert f"stopped {FAULTY}" in last and "HALTED" in last, last
+
+        # Nothing to find (started directly: the CLI refuses an unknown system up front).
+        nobody = rollback_workflow_id("nosuch", s.env)
+        await client.execute_workflow(
+            RollbackWorkflow.run,
+            RollbackInput(strategy="nosuch", env=s.env, reason="who?", requested_by="pytest"),
+            id=nobody,
+            task_queue=worker.task_queue,
+        )
+        status = await breakglass("status", nobody, env=env)
+        assert "stopped nothing" in status.out and "None" not in status.out, status.out
+        empty = await client.get_workflow_handle(nobody, result_type=RollbackReport).result()
+        assert empty.safe_stop is not None and not empty.safe_stop.found, empty
