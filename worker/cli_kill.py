@@ -10,16 +10,32 @@ from __future__ import annotations
 import getpass
 import json
 import sys
+import uuid
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import typer
 from rich.live import Live
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.accounts import ConfigError, load_accounts
-from worker.cli_common import abort, connect_or_abort, console, load_settings, run_async
+from worker.cli_common import (
+    abort,
+    connect_or_abort,
+    console,
+    err_console,
+    load_settings,
+    run_async,
+)
 from worker.cli_deploy import deploy_status
 from worker.cli_rollback import rollback_status
 from worker.cli_start import Start, launch, query_or_none, start, validated, watch
@@ -28,6 +44,8 @@ from worker.settings import Settings
 from workflows.kill_switch import KillSwitchWorkflow
 from workflows.shared import (
     ExitCode,
+    KillJoin,
+    KillJoinResult,
     KillOutcome,
     KillReport,
     KillScope,
@@ -40,6 +58,9 @@ from workflows.shared import (
 KIND = SearchAttributeKey.for_keyword("BreakglassKind")
 ACCOUNTS = SearchAttributeKey.for_keyword_list("BreakglassAccounts")
 POLL_S = 0.25
+JOIN_TIMEOUT = timedelta(seconds=10)
+"""How long the ``join`` update may wait for a worker before the CLI says it could not confirm
+the join and follows the queued kill anyway (an update needs a running worker)."""
 
 
 def _validated_input(
@@ -59,7 +80,113 @@ def _validated_input(
     )
 
 
-def _spec(request: KillSwitchInput, settings: Settings) -> Start:
+@dataclass
+class Joined:
+    """This request joined a kill of the same accounts that was already running."""
+
+    workflow_id: str
+    running: KillSwitchInput | None
+    """The running kill's own request (None: its history could not be read)."""
+    asked: KillScope
+    result: KillJoinResult | None
+    """The running kill's answer; None: no worker answered within JOIN_TIMEOUT, so the join is
+    not confirmed (it applies if the server still holds it when a worker picks the kill up)."""
+
+    def said(self) -> str:
+        who = (
+            f"requested by {self.running.requested_by}: {self.running.reason!r}, "
+            f"scope {self.running.scope.value}"
+            if self.running is not None
+            else "its request could not be read"
+        )
+        head = f"joined the running kill {self.workflow_id} ({who}) instead of starting another"
+        if self.result is None:
+            return (
+                f"{head}; no worker answered the join within {JOIN_TIMEOUT.total_seconds():.0f}s, "
+                f"so your reason and scope {self.asked.value} are not confirmed: the kill is "
+                "queued and this command follows it"
+            )
+        if self.result.escalated:
+            return (
+                f"{head}; your scope {self.asked.value} escalated it to {self.result.scope.value}"
+            )
+        return f"{head}; its scope stays {self.result.scope.value}: {self.result.message}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "workflow_id": self.workflow_id,
+            "running_reason": self.running.reason if self.running else None,
+            "running_requested_by": self.running.requested_by if self.running else None,
+            "running_scope": self.running.scope.value if self.running else None,
+            "asked_scope": self.asked.value,
+            "confirmed": self.result is not None,
+            "escalated": self.result.escalated if self.result else None,
+            "scope": self.result.scope.value if self.result else None,
+            "message": self.result.message if self.result else None,
+        }
+
+
+async def _running_request(client: Client, handle: WorkflowHandle) -> KillSwitchInput | None:
+    """The running kill's request, from its first history event: no worker needed."""
+    try:
+        async for event in handle.fetch_history_events(page_size=1):
+            payloads = event.workflow_execution_started_event_attributes.input.payloads
+            [request] = await client.data_converter.decode(payloads, [KillSwitchInput])
+            return request if isinstance(request, KillSwitchInput) else None
+    except Exception:  # the join goes ahead without the running kill's reason
+        return None
+    return None
+
+
+async def _finished(handle: WorkflowHandle) -> bool:
+    try:
+        description = await handle.describe()
+    except RPCError as e:
+        if e.status == RPCStatusCode.NOT_FOUND:
+            return True
+        raise
+    return description.status != WorkflowExecutionStatus.RUNNING
+
+
+async def _join(
+    client: Client, handle: WorkflowHandle, request: KillSwitchInput, joined: list[Joined]
+) -> bool:
+    """Send the running kill this request's reason, requester and scope (update ``join``; a
+    wider scope escalates it) and say so. False: it finished meanwhile, start a new one."""
+    join = KillJoin(reason=request.reason, requested_by=request.requested_by, scope=request.scope)
+    running = await _running_request(client, handle)
+    result: KillJoinResult | None
+    try:
+        result = await handle.execute_update(
+            "join",
+            join,
+            id=f"cli-{uuid.uuid4()}",
+            result_type=KillJoinResult,
+            rpc_timeout=JOIN_TIMEOUT,
+        )
+    except WorkflowUpdateRPCTimeoutOrCancelledError:
+        result = None
+    except WorkflowUpdateFailedError as e:
+        if await _finished(handle):
+            return False
+        abort(
+            f"the running kill {handle.id} refused to be joined: "
+            f"{getattr(e.cause, 'message', e.cause)}",
+            ExitCode.BAD_INPUT,
+        )
+    except RPCError as e:
+        if e.status == RPCStatusCode.NOT_FOUND or await _finished(handle):
+            return False
+        if e.status != RPCStatusCode.DEADLINE_EXCEEDED:
+            raise
+        result = None
+    joined.append(Joined(handle.id, running, request.scope, result))
+    return True
+
+
+def _spec(
+    request: KillSwitchInput, settings: Settings, joined: list[Joined] | None = None
+) -> Start:
     attributes = (
         TypedSearchAttributes(
             [SearchAttributePair(KIND, "kill"), SearchAttributePair(ACCOUNTS, request.accounts)]
@@ -67,15 +194,17 @@ def _spec(request: KillSwitchInput, settings: Settings) -> Start:
         if settings.search_attributes
         else None
     )
+    record: list[Joined] = joined if joined is not None else []
     return Start(
         KillSwitchWorkflow.run,
         request,
         workflow_id=kill_workflow_id(request.accounts),
         result_type=KillReport,
         execution_timeout=timedelta(hours=1),
-        # A second kill of the same accounts joins the running one instead of racing it.
-        already_running=None,
         search_attributes=attributes,
+        # A second kill of the same accounts joins the running one instead of racing it, and
+        # hands it its reason, requester and scope.
+        join=lambda client, handle: _join(client, handle, request, record),
     )
 
 
@@ -111,9 +240,14 @@ async def _watch(handle: WorkflowHandle, as_json: bool) -> KillReport:
     return report
 
 
-def _emit(report: KillReport, as_json: bool) -> ExitCode:
+def _emit(report: KillReport, as_json: bool, joined: list[Joined] | None = None) -> ExitCode:
+    """Print the report (JSON: the report's fields, plus ``joined`` for ``kill``: null, or what
+    this request joined) and turn it into the exit code."""
     if as_json:
-        print(report.model_dump_json(indent=2))
+        body = json.loads(report.model_dump_json())
+        if joined is not None:
+            body["joined"] = joined[-1].as_json() if joined else None
+        print(json.dumps(body, indent=2))
     else:
         console.print(report_view(report))
     return ExitCode.OK if report.outcome is KillOutcome.VERIFIED else ExitCode.UNVERIFIED
@@ -141,15 +275,24 @@ def kill(
     settings = load_settings()
     request = _validated_input(settings, account, reason, requested_by or getpass.getuser(), scope)
 
+    joined: list[Joined] = []
+
+    def say_joined(_: WorkflowHandle) -> None:
+        if joined:
+            # Plain words on stderr with --json/--detach (stdout is for the script), else stdout.
+            out = err_console if as_json or detach else console
+            out.print(joined[-1].said(), markup=False)
+
     go = launch(
         settings,
-        _spec(request, settings),
+        _spec(request, settings, joined),
         title="kill switch",
         noun="kill",
         detach=detach,
         as_json=as_json,
         follow=lambda handle: _watch(handle, as_json),
-        emit=lambda report: _emit(report, as_json),
+        emit=lambda report: _emit(report, as_json, joined),
+        on_started=say_joined,
     )
     raise typer.Exit(int(run_async(go)))
 

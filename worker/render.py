@@ -16,7 +16,16 @@ from workflows.deployment_models import (
     Stage,
     StageNode,
 )
-from workflows.shared import KillOutcome, KillReport, Position, StepState, StepStatus
+from workflows.shared import (
+    AccountReport,
+    AccountState,
+    DeadManState,
+    KillOutcome,
+    KillReport,
+    Position,
+    StepState,
+    StepStatus,
+)
 
 _STATE_STYLE = {
     StepState.PENDING: "dim",
@@ -41,13 +50,132 @@ def steps_table(steps: list[StepStatus], title: str = "steps") -> Table:
     return table
 
 
-def _positions(positions: list[Position]) -> str:
+UNKNOWN = "unknown"
+"""How a count or list the venue never gave is shown: never as 0, never as flat."""
+
+_ACCOUNT_STYLE = {
+    AccountState.VERIFIED: "green",
+    AccountState.UNVERIFIED: "bold red",
+    AccountState.UNKNOWN: "bold red",
+}
+_DEAD_MAN_STYLE = {
+    DeadManState.ARMED: "green",
+    DeadManState.PARTIAL: "bold yellow",
+    DeadManState.NOT_ARMED: "bold red",
+    DeadManState.UNSUPPORTED: "dim",
+    DeadManState.OFF: "dim",
+}
+
+
+def _count(n: int | None) -> str:
+    return UNKNOWN if n is None else str(n)
+
+
+def _positions(positions: list[Position] | None) -> str:
+    if positions is None:
+        return UNKNOWN
     if not positions:
         return "flat"
     return ", ".join(
         f"{p.symbol}{'/' + p.position_side if p.position_side else ''} {p.quantity.normalize():f}"
         for p in positions
     )
+
+
+def _cancelled(a: AccountReport) -> str:
+    if a.orders_found is None and a.orders_cancelled is None:
+        return UNKNOWN
+    return f"{_count(a.orders_cancelled)}/{_count(a.orders_found)}"
+
+
+def _after(a: AccountReport) -> str:
+    if a.positions_after is None:
+        return UNKNOWN
+    dust_keys = {(d.symbol, d.position_side) for d in a.dust}
+    return _positions(
+        [p for p in a.positions_after if (p.symbol, p.position_side) not in dust_keys]
+    )
+
+
+def _dead_man(a: AccountReport) -> Text:
+    d = a.dead_man
+    if d is None:  # a report from before DeadManReport
+        text = f"{a.dead_man_symbols} symbols" if a.dead_man_symbols else "-"
+        return Text(text + (", released" if a.dead_man_released else ""))
+    parts = [d.state.value]
+    if d.armed:
+        parts.append(f"{len(d.armed)} armed")
+    if d.failed:
+        parts.append(f"{len(d.failed)} failed")
+    if d.released:
+        parts.append(f"{len(d.released)} released")
+    if d.release_failed:
+        parts.append(f"{len(d.release_failed)} still counting down")
+    style = "bold red" if d.release_failed else _DEAD_MAN_STYLE[d.state]
+    return Text(" · ".join(parts), style=style)
+
+
+def _step_states(a: AccountReport) -> Text | None:
+    """The account's own steps, when one failed or was partial (a plain run says nothing)."""
+    odd = [s for s in a.steps if s.state is StepState.FAILED or s.detail.startswith("partial")]
+    if not odd:
+        return None
+    text = Text(f"{a.account} steps: ")
+    for i, s in enumerate(a.steps):
+        if i:
+            text.append(" · ")
+        state = (
+            "partial"
+            if s.state is StepState.DONE and s.detail.startswith("partial")
+            else s.state.value
+        )
+        style = "bold yellow" if state == "partial" else _STATE_STYLE[s.state]
+        text.append(f"{s.step.value} ")
+        text.append(state, style=style)
+        detail = s.detail.removeprefix("partial").lstrip(": ")
+        if detail and s.state is not StepState.PENDING:
+            text.append(f" ({detail})")
+    return text
+
+
+def _account_lines(a: AccountReport) -> list[Text]:
+    """What went wrong for one account, each its own line: step states, refused books, the
+    dead-man's symbols that did not arm or are still counting down, why the chain gave up."""
+    lines: list[Text] = []
+    steps = _step_states(a)
+    if steps is not None:
+        lines.append(steps)
+    for f in a.failures:
+        book = (
+            f"{'conditional' if f.conditional else 'plain'} orders of {f.symbol or 'the account'}"
+        )
+        lines.append(Text(f"{a.account}: could not {f.action} {book}: {f.error}", style="red"))
+    if a.dead_man is not None:
+        for symbol, why in sorted(a.dead_man.failed.items()):
+            lines.append(Text(f"{a.account}: dead-man not armed on {symbol}: {why}", style="red"))
+        if a.dead_man.release_failed:
+            lines.append(
+                Text(
+                    f"{a.account}: dead-man still counting down on "
+                    f"{', '.join(a.dead_man.release_failed)}: it will cancel whatever trades "
+                    "there next unless disarmed",
+                    style="bold red",
+                )
+            )
+    if a.gave_up:
+        lines.append(Text(f"{a.account}: gave up: {a.gave_up}", style="bold red"))
+    lines += [Text(f"{a.account}: {e}", style="red") for e in a.errors]
+    return lines
+
+
+def _timing(report: KillReport) -> str:
+    parts = []
+    if report.time_to_flat_s is not None:
+        since = "the request" if report.requested_at is not None else "the start"
+        parts.append(f"time to flat {report.time_to_flat_s:.3f}s from {since}")
+    if report.queue_wait_s is not None:
+        parts.append(f"queued {report.queue_wait_s:.3f}s before a worker picked it up")
+    return "".join(f" · {p}" for p in parts)
 
 
 def report_view(report: KillReport) -> Group:
@@ -58,29 +186,30 @@ def report_view(report: KillReport) -> Group:
     )
     facts = Text(
         f"reason: {report.reason} · requested by {report.requested_by} · scope {report.scope.value}"
-        f" · rounds {report.rounds}"
-        + (f" · time to flat {report.time_to_flat_s:.3f}s" if report.time_to_flat_s else "")
+        f" · rounds {report.rounds}" + _timing(report)
     )
+    joins = [
+        Text(f"joined by {j.requested_by} (scope {j.scope.value}): {j.reason}")
+        for j in report.joins
+    ]
     accounts = Table(title="accounts", title_justify="left")
-    for column in ("account", "cancelled", "open", "positions", "after", "dust", "dead-man"):
+    for column in (
+        "account", "state", "cancelled", "open", "positions", "after", "dust", "dead-man"
+    ):  # fmt: skip
         accounts.add_column(column)
     for a in report.accounts:
-        dust_keys = {(d.symbol, d.position_side) for d in a.dust}
-        after = [p for p in a.positions_after if (p.symbol, p.position_side) not in dust_keys]
-        dead_man = f"{a.dead_man_symbols} symbols" if a.dead_man_symbols else "-"
-        if a.dead_man_released:
-            dead_man += ", released"
         accounts.add_row(
             a.account,
-            f"{a.orders_cancelled}/{a.orders_found}",
-            str(a.orders_still_open),
-            str(len(a.positions_before)),
-            _positions(after),
+            Text(a.state.value, style=_ACCOUNT_STYLE[a.state]),
+            _cancelled(a),
+            _count(a.orders_still_open),
+            UNKNOWN if a.positions_before is None else str(len(a.positions_before)),
+            _after(a),
             _positions(a.dust) if a.dust else "none",
-            dead_man,
+            _dead_man(a),
         )
-    errors = [Text(f"{a.account}: {e}", style="red") for a in report.accounts for e in a.errors]
-    return Group(headline, facts, accounts, *errors, steps_table(report.steps))
+    details = [line for a in report.accounts for line in _account_lines(a)]
+    return Group(headline, facts, *joins, accounts, *details, steps_table(report.steps))
 
 
 # --------------------------------------------------------------------------- deployments

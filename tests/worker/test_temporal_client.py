@@ -1,4 +1,5 @@
-"""connect() and data_converter(): fail fast in one line, TLS from settings, codec when keyed."""
+"""connect() and data_converter(): fail fast in one line, TLS from settings, codec when keyed;
+waiting_of(): work no worker does, told from work just scheduled (fast tier, no server)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,19 @@ import time
 from pathlib import Path
 
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from temporalio.api.common.v1 import ActivityType
+from temporalio.api.enums.v1 import (
+    PendingActivityState,
+    PendingWorkflowTaskState,
+    WorkflowExecutionStatus,
+)
+from temporalio.api.workflow.v1 import (
+    PendingActivityInfo,
+    PendingWorkflowTaskInfo,
+    WorkflowExecutionInfo,
+)
+from temporalio.api.workflowservice.v1 import DescribeWorkflowExecutionResponse
 from temporalio.converter import DefaultFailureConverterWithEncodedAttributes
 from temporalio.service import TLSConfig
 
@@ -18,6 +32,7 @@ from worker.temporal_client import (
     connect,
     data_converter,
     tls_config,
+    waiting_of,
 )
 
 
@@ -93,3 +108,91 @@ def test_ui_link_defaults_to_the_dev_stack_and_escapes_the_id() -> None:
         .ui_url_for("x")
         .startswith("https://ui.example/namespaces/default/workflows/x")
     )
+
+
+# --------------------------------------------------------------------------- waiting work
+
+
+def _ts(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromMicroseconds(int(seconds * 1e6))
+    return ts
+
+
+def _running(**fields: object) -> DescribeWorkflowExecutionResponse:
+    return DescribeWorkflowExecutionResponse(
+        workflow_execution_info=WorkflowExecutionInfo(
+            status=WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
+        ),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def test_waiting_work_tells_a_task_no_worker_took_from_one_just_scheduled() -> None:
+    now = 1_000_000.0
+    scheduled = PendingWorkflowTaskState.PENDING_WORKFLOW_TASK_STATE_SCHEDULED
+
+    def task(age: float) -> DescribeWorkflowExecutionResponse:
+        return _running(
+            pending_workflow_task=PendingWorkflowTaskInfo(
+                state=scheduled, scheduled_time=_ts(now - age)
+            )
+        )
+
+    young = waiting_of(task(0.5), now, pollers=1)
+    assert young is not None and not young.stalled() and young.activity is None
+    old = waiting_of(task(4.0), now, pollers=1)  # the dead worker is still listed as a poller
+    assert old is not None and old.stalled() and round(old.since_s) == 4 and not old.started
+    nobody = waiting_of(task(0.1), now, pollers=0)
+    assert nobody is not None and nobody.no_pollers and nobody.stalled()
+    started = waiting_of(
+        _running(
+            pending_workflow_task=PendingWorkflowTaskInfo(
+                state=PendingWorkflowTaskState.PENDING_WORKFLOW_TASK_STATE_STARTED,
+                scheduled_time=_ts(now - 5),
+                started_time=_ts(now - 4),
+            )
+        ),
+        now,
+    )
+    assert started is not None and started.started and started.stalled()
+    done = DescribeWorkflowExecutionResponse(
+        workflow_execution_info=WorkflowExecutionInfo(
+            status=WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_COMPLETED
+        ),
+        pending_workflow_task=PendingWorkflowTaskInfo(
+            state=scheduled, scheduled_time=_ts(now - 60)
+        ),
+    )
+    assert waiting_of(done, now) is None
+
+
+def test_waiting_work_skips_activities_running_or_in_their_retry_backoff() -> None:
+    now = 1_000_000.0
+    scheduled = PendingActivityState.PENDING_ACTIVITY_STATE_SCHEDULED
+
+    def activity(name: str, **fields: object) -> PendingActivityInfo:
+        return PendingActivityInfo(activity_type=ActivityType(name=name), **fields)  # type: ignore[arg-type]
+
+    description = _running(
+        pending_activities=[
+            activity(
+                "flatten",
+                state=PendingActivityState.PENDING_ACTIVITY_STATE_STARTED,
+                scheduled_time=_ts(now - 30),
+                last_started_time=_ts(now - 30),
+            ),
+            activity(
+                "halt",
+                state=scheduled,
+                scheduled_time=_ts(now - 20),
+                last_attempt_complete_time=_ts(now - 2),
+                next_attempt_schedule_time=_ts(now + 3),
+            ),
+        ]
+    )
+    assert waiting_of(description, now) is None
+    orphan = activity("cancel_all", state=scheduled, scheduled_time=_ts(now - 6))
+    description.pending_activities.append(orphan)
+    waiting = waiting_of(description, now)
+    assert waiting is not None and waiting.activity == "cancel_all" and waiting.stalled()
