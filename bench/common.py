@@ -10,6 +10,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,8 @@ class ActivityClock(Interceptor):
         self.marks: list[tuple[str, str, float, float]] = []
         self.local: set[str] = set()
         """Activity types seen running as local activities."""
+        self.failed: Counter[str] = Counter()
+        """Activity attempts that raised (failed, timed out, cancelled), per type."""
 
     def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
         return _ClockInbound(next, self)
@@ -78,6 +81,9 @@ class _ClockInbound(ActivityInboundInterceptor):
         started = time.monotonic()
         try:
             return await super().execute_activity(input)
+        except BaseException:
+            self._clock.failed[activity.info().activity_type] += 1
+            raise
         finally:
             account = str(getattr(input.args[0], "account", "")) if input.args else ""
             info = activity.info()

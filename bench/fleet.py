@@ -62,6 +62,8 @@ class FleetRun:
     first_cancel_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)
+    failed_attempts: dict[str, int] = field(default_factory=dict)
+    """Activity attempts that raised (timed out, cancelled, failed) and were retried."""
     steps: dict[str, float] = field(default_factory=dict)
     """Median per kill: seconds in each activity type, and idle between them (``idle``)."""
 
@@ -86,6 +88,7 @@ async def kill_each(stack: Stack, accounts: list[SandboxAccount], label: str) ->
         await stack.gateway.session(name)
     await fresh_budget(stack)
     stack.clock.marks.clear()
+    stack.clock.failed.clear()
 
     async def one(name: str) -> KillReport:
         request = KillSwitchInput(accounts=[name], reason=f"bench {label}", requested_by="bench")
@@ -123,6 +126,7 @@ async def kill_each(stack: Stack, accounts: list[SandboxAccount], label: str) ->
         first_cancel_ms=sorted(first_cancels_per_key(journal, go_wall).values()),
         errors=errors,
         cpu=cpu,
+        failed_attempts=dict(stack.clock.failed),
         steps=per_kill_steps(stack.clock.marks, go),
     )
     if stats.count_418:
@@ -229,6 +233,8 @@ def report_fleet(result: FleetResult) -> str:
         f"per kill: worker, sandbox, Temporal); on {cores} cores that alone takes >= "
         f"{core_s / cores:.2f} s = {core_s / cores / result.one_s:.1f}x one kill"
     )
+    failed = ", ".join(f"{k} {v}" for k, v in sorted(many.failed_attempts.items())) or "none"
+    print(f"K100: activity attempts that raised and were retried (timeouts too): {failed}")
     for label, run in (("one kill", result.one[-1]), (f"{many.kills} kills", many)):
         steps = ", ".join(f"{k} {v:.3f}" for k, v in run.steps.items())
         print(f"K100: {label}, median s per kill: {steps}")
