@@ -36,8 +36,16 @@ class KillScope(StrEnum):
     """Cancel every open order and leave positions as they are."""
 
 
+MAX_KILL_ACCOUNTS = 50
+"""One kill's account set is bounded: a crafted start with thousands of accounts is refused."""
+
+
 class KillSwitchInput(Model):
-    accounts: list[str] = Field(min_length=1, description="Account references from accounts.yaml")
+    accounts: list[str] = Field(
+        min_length=1,
+        max_length=MAX_KILL_ACCOUNTS,
+        description="Account references from accounts.yaml",
+    )
     scope: KillScope = KillScope.FLATTEN
     reason: str = Field(min_length=3, max_length=500)
     requested_by: str = Field(min_length=1, max_length=100)
@@ -45,6 +53,9 @@ class KillSwitchInput(Model):
     """How long cancel-all keeps re-querying the venue before it reports orders still open."""
     max_rounds: int = Field(default=3, ge=1, le=10)
     """How many cancel/flatten/verify rounds before the kill reports itself unverified."""
+    dead_man: bool = True
+    """Arm the venue's dead-man switch while the kill runs; a caller that already stopped the
+    sender (e.g. the rollback saga) may turn it off."""
 
     @field_validator("accounts")
     @classmethod
@@ -249,22 +260,76 @@ class StepStatus(Model):
         return (self.finished_at - self.started_at).total_seconds()
 
 
+class AccountState(StrEnum):
+    """What the venue showed for one account when its chain ended."""
+
+    VERIFIED = "verified"
+    """Re-read on the venue: nothing open, every position zero or dust (per scope)."""
+    UNVERIFIED = "unverified"
+    """Read, but orders or positions were left (or a book could not be read)."""
+    UNKNOWN = "unknown"
+    """The venue could not be read: nothing is known about this account."""
+
+
+class DeadManState(StrEnum):
+    ARMED = "armed"
+    """Every symbol the halt tried was armed."""
+    PARTIAL = "partial"
+    """Some symbols armed, some refused (see ``failed``)."""
+    NOT_ARMED = "not-armed"
+    """Nothing armed: the halt failed, or there was nothing to arm."""
+    UNSUPPORTED = "unsupported"
+    """The venue has no dead-man switch (e.g. spot)."""
+    OFF = "off"
+    """The caller turned arming off (``KillSwitchInput.dead_man``)."""
+
+
+class DeadManReport(Model):
+    """The venue-side countdowns of one account: what was armed, and what was released."""
+
+    supported: bool = True
+    armed: list[str] = []
+    """Symbols whose countdown the venue accepted (over every attempt)."""
+    failed: dict[str, str] = {}
+    """Symbol (or ``*`` for the whole halt) -> why it was not armed."""
+    released: list[str] = []
+    """Armed symbols disarmed after the account was verified."""
+    release_failed: list[str] = []
+    """Armed symbols still counting down: they will cancel whatever trades there next."""
+    state: DeadManState = DeadManState.NOT_ARMED
+
+
 class AccountReport(Model):
     account: str
-    orders_found: int = 0
-    orders_cancelled: int = 0
-    orders_still_open: int = 0
-    positions_before: list[Position] = []
-    positions_after: list[Position] = []
+    state: AccountState = AccountState.UNKNOWN
+    orders_found: int | None = None
+    """None: never read (unknown), never shown as 0."""
+    orders_cancelled: int | None = None
+    orders_still_open: int | None = None
+    positions_before: list[Position] | None = None
+    """Positions as they were when the kill began (read before any flatten); None: unknown."""
+    positions_after: list[Position] | None = None
     dust: list[Position] = []
     flatten_orders: list[FlattenOrder] = []
+    """Every order sent under the kill's client-id prefix, earlier (crashed) attempts too."""
     dead_man_symbols: int = 0
     """Symbols whose venue-side countdown cancel-all was armed during the kill."""
     dead_man_released: bool = False
     """The countdowns were disarmed after the verified kill (so they cannot cancel the orders
     of whatever trades next)."""
+    dead_man: DeadManReport | None = None
+    steps: list[StepStatus] = []
+    """This account's own step states (a failed halt is FAILED here, a partial one DONE with
+    "partial: …")."""
     errors: list[str] = []
     """Steps that failed for this account after their retries, with the venue's reason."""
+    failures: list[BookFailure] = []
+    """Books the venue refused to list or cancel (the other books went ahead)."""
+    gave_up: str | None = None
+    """When the chain stopped without verifying: why, in words."""
+    scope: KillScope | None = None
+    """The widest scope this account's chain ran under."""
+    rounds: int = 0
 
 
 class KillOutcome(StrEnum):
@@ -283,10 +348,34 @@ class KillReport(Model):
     started_at: datetime
     finished_at: datetime
     time_to_flat_s: float | None = None
-    """From the start of the workflow to the verify step that saw the accounts flat."""
+    """From the request (the workflow's start) to the verify step that saw the accounts flat."""
     rounds: int = 1
     accounts: list[AccountReport] = []
     steps: list[StepStatus] = []
+    requested_at: datetime | None = None
+    """When the kill was asked for (the workflow start)."""
+    picked_up_at: datetime | None = None
+    """When a worker ran the kill's first workflow task."""
+    queue_wait_s: float | None = None
+    """``picked_up_at - requested_at``: how long the request waited for a worker."""
+    joins: list[KillJoin] = []
+    """Later kills of the same accounts that joined this one (their reasons and scopes)."""
+
+
+class KillJoin(Model):
+    """A second kill of the same accounts, joining the running one (update ``join``)."""
+
+    reason: str = Field(min_length=3, max_length=500)
+    requested_by: str = Field(min_length=1, max_length=100)
+    scope: KillScope
+
+
+class KillJoinResult(Model):
+    escalated: bool
+    """The join widened the running kill's scope (cancel-only -> flatten)."""
+    scope: KillScope
+    """The scope the kill has now."""
+    message: str
 
 
 class KillStatus(Model):
@@ -296,6 +385,10 @@ class KillStatus(Model):
     round: int
     steps: list[StepStatus]
     report: KillReport | None = None
+    accounts: list[AccountReport] = []
+    """Live per-account progress."""
+    requested_at: datetime | None = None
+    picked_up_at: datetime | None = None
 
 
 class ExitCode(IntEnum):
