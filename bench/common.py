@@ -63,8 +63,8 @@ class ActivityClock(Interceptor):
 
     def __init__(self) -> None:
         self.marks: list[tuple[str, str, float, float]] = []
-        self.local: set[str] = set()
-        """Activity types seen running as local activities."""
+        self.local: set[tuple[str, str, float]] = set()
+        """(type, account, start) of the marks that ran as local activities."""
         self.failed: Counter[str] = Counter()
         """Activity attempts that raised (failed, timed out, cancelled), per type."""
 
@@ -88,7 +88,7 @@ class _ClockInbound(ActivityInboundInterceptor):
             account = str(getattr(input.args[0], "account", "")) if input.args else ""
             info = activity.info()
             if info.is_local:
-                self._clock.local.add(info.activity_type)
+                self._clock.local.add((info.activity_type, account, started))
             self._clock.marks.append((info.activity_type, account, started, time.monotonic()))
 
 

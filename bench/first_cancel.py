@@ -171,28 +171,33 @@ async def cut_first_cancel(
     ]
     account = names.get(first.api_key, "?")
     cancel = first.cancel
-    # The activity that sent the first cancel: the account's activity running when it arrived.
-    holder = [
-        (kind, wall(s), wall(e))
+    # The activity that sent the first cancel: the account's activity running when it arrived;
+    # when several ran (the halt runs beside the cancel), the one whose name says it cancels.
+    holders = [
+        (kind, s, e)
         for kind, acct, s, e in stack.clock.marks
         if acct == account and wall(s) <= cancel.arrived <= wall(e) + 0.001
     ]
+    holders.sort(key=lambda h: ("cancel" not in h[0], -h[1]))
     ms = 1000.0
     out.parts["client -> server (start_workflow)"] = (started - go_wall) * ms
     out.parts["server -> worker (first workflow task)"] = (picked[0] - started) * ms
-    if not holder:
+    if not holders:
         out.notes.append(f"no activity of {account} was running when its first cancel arrived")
         out.parts["rest"] = (cancel.answered - picked[0]) * ms
         return out
-    kind, act_start, _ = holder[-1]
-    local = kind in stack.clock.local
-    before_act = [
-        f"{k} {1000 * (wall(e) - wall(s)):.0f} ms"
+    kind, mono_start, _ = holders[0]
+    local = (kind, account, mono_start) in stack.clock.local
+    act_start = wall(mono_start)
+    beside = [
+        f"{k} {1000 * (wall(s) - go_wall):.0f}..{1000 * (wall(e) - go_wall):.0f} ms"
         for k, a, s, e in stack.clock.marks
-        if a == account and wall(e) <= act_start
+        if a == account and wall(s) <= cancel.answered and (k, s) != (kind, mono_start)
     ]
-    if before_act:
-        out.notes.append(f"{account} ran before {kind}: " + ", ".join(before_act))
+    if beside:
+        out.notes.append(
+            f"{account}'s other activities started before its first cancel: " + ", ".join(beside)
+        )
     scheduled_by = [t for t in completed if t <= act_start]
     if local or not scheduled_by:
         label = f"workflow task -> {kind} starts (local activity)"
@@ -205,18 +210,23 @@ async def cut_first_cancel(
             act_start - scheduled_by[-1]
         ) * ms
     reads = [r for r in first.before if r.arrived >= act_start - 0.001]
-    at_venue = _covered([(r.arrived, r.answered) for r in reads])
+    # Only the part of each request that fell between the activity's start and the cancel.
+    clipped = [(max(r.arrived, act_start), min(r.answered, cancel.arrived)) for r in reads]
+    at_venue = _covered([(a, b) for a, b in clipped if b > a])
     gap = cancel.arrived - act_start
     listed = ", ".join(
         f"{r.method} {r.path} {1000 * (r.answered - r.arrived):.0f}" for r in reads[:6]
     )
-    out.parts["venue reads before the cancel (at the venue)"] = at_venue * ms
+    out.parts["venue requests before the cancel (at the venue, overlaps once)"] = at_venue * ms
     out.parts["in the worker before the cancel (parse, sign, connect, code)"] = (
         gap - at_venue
     ) * ms
     out.parts["cancel (arrives -> applied at the venue)"] = (cancel.answered - cancel.arrived) * ms
     if reads:
-        out.notes.append(f"{kind}'s venue reads before its first cancel (ms at venue): {listed}")
+        out.notes.append(
+            f"{account}'s venue requests from {kind}'s start to its first cancel "
+            f"(ms at the venue): {listed}"
+        )
     return out
 
 

@@ -401,15 +401,18 @@ def breakdown(results: dict[str, list[RunResult]]) -> list[str]:
 
 
 def gaps(results: list[RunResult]) -> str:
-    """Median idle time of one account between its own steps (and from go to its first step)."""
+    """Median idle time of one account, when none of its own steps ran (steps may overlap: the
+    halt runs beside the cancel), named by the step that ended last and the one that started."""
     found: dict[str, list[float]] = {}
     for result in results:
         for account in {s.account for s in result.spans if s.account}:
             mine = sorted((s for s in result.spans if s.account == account), key=lambda s: s.start)
             previous, end = "go", 0.0
             for span in mine:
-                found.setdefault(f"{previous}->{span.step}", []).append(span.start - end)
-                previous, end = span.step, span.end
+                if span.start >= end:
+                    found.setdefault(f"{previous}->{span.step}", []).append(span.start - end)
+                if span.end > end:
+                    previous, end = span.step, span.end
     parts = [f"{k} {median(v) * 1000:.0f}" for k, v in found.items()]
     total = sum(median(v) for v in found.values()) * 1000
     return ", ".join(parts) + f" (sum {total:.0f} ms)"
