@@ -111,7 +111,11 @@ def _dead_man(a: AccountReport) -> Text:
         parts.append(f"{len(d.released)} released")
     if d.release_failed:
         parts.append(f"{len(d.release_failed)} still counting down")
-    style = "bold red" if d.release_failed else _DEAD_MAN_STYLE[d.state]
+    style = _DEAD_MAN_STYLE[d.state]
+    if d.release_failed:
+        style = "bold red"
+    elif d.state is DeadManState.NOT_ARMED and not d.failed:
+        style = "dim"  # nothing to arm (no symbol had orders or positions), nothing refused
     return Text(" · ".join(parts), style=style)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
+from sandbox.admin_models import FaultRule
 from tests.fixtures.temporal import SEARCH_ATTRIBUTE_ARGS
 from tests.fixtures.venues import MakeRig, Rig, kill_worker
 from tests.helpers import assert_eventually, fresh_id
@@ -134,7 +135,8 @@ async def test_kill_right_after_the_worker_died_warns_within_seconds_and_clears(
     """The worker process is SIGKILLed just before the kill: the server still lists it as a
     poller (its last poll was a moment ago), yet nothing will pick the kill up. The CLI says so
     within seconds, keeps checking, and says when a worker took it; stderr stays clean."""
-    rig = await make_rig(n=1, create=True)
+    rig = await make_rig(n=1)
+    await rig.seed(symbols=2, open_orders=6, positions=1)
     address = dev_env.client.service_client.config.target_host
     task_queue = fresh_id("tq-died")
     worker = start_worker(rig, address, task_queue, tmp_path / "worker.log")
@@ -148,14 +150,21 @@ async def test_kill_right_after_the_worker_died_warns_within_seconds_and_clears(
 
     env = cli_env(rig, address, task_queue)
     account = rig.accounts[0].futures
-    async with cli("kill", "--account", account, "--reason", "worker died", env=env) as run:
-        header = await seen(run, r"kill switch kill/", stream="out")
-        warned = await seen(run, r"no worker")
-        # Within seconds of the start, though the dead worker polled moments ago.
-        assert warned - header < 10, f"warned {warned - header:.1f}s after the header"
-        async with kill_worker(dev_env.client, rig, task_queue=task_queue):
-            await seen(run, r"picked up")
-            code = await finished(run)
+    try:
+        # The kill stays busy at the venue a while after it is picked up, so the follower sees it.
+        await rig.admin.add_faults(
+            [FaultRule(kind="latency", match="DELETE /fapi/v1/allOpenOrders", latency_ms=2500)]
+        )
+        async with cli("kill", "--account", account, "--reason", "worker died", env=env) as run:
+            header = await seen(run, r"kill switch kill/", stream="out")
+            warned = await seen(run, r"no worker")
+            # Within seconds of the start, though the dead worker polled moments ago.
+            assert warned - header < 10, f"warned {warned - header:.1f}s after the header"
+            async with kill_worker(dev_env.client, rig, task_queue=task_queue):
+                await seen(run, r"^a worker picked up the kill kill/")
+                code = await finished(run)
+    finally:
+        await rig.admin.clear_faults()
     assert code == ExitCode.OK, run.stdout + run.stderr
     assert "verified" in run.stdout
     assert_clean_terminal(run.stderr)
