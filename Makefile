@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench bench-quick up down status clean
+.PHONY: demo test test-fast lint typecheck unit bench bench-quick up down status clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q --durations=25
+
+## test-fast: the tests that need no server, sandbox, database or process (under a minute)
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not servers"
 
 ## bench: K1 kill switch (first cancel, RTT-bound and direct floors, 100 concurrent kills), then R1
 ## rollback; each prints ratios and ends with machine-readable lines; R1 runs even if K1 failed

@@ -45,11 +45,17 @@ async def assert_eventually(
     *,
     timeout: float = 10.0,  # noqa: ASYNC109 - a deadline for polling, not for one await
     interval: float = 0.05,
+    retry_on: tuple[type[BaseException], ...] = (),
 ) -> T:
     """Call ``fn`` (sync or async) until it neither raises ``AssertionError`` nor returns a falsy
-    value; return its result. After ``timeout`` seconds the last assertion error is raised."""
+    value; return its result. After ``timeout`` seconds the last assertion error is raised.
+
+    ``retry_on``: exceptions that also mean "not yet" (e.g. ``aiohttp.ClientError`` and
+    ``TimeoutError`` while a process starts: on a busy machine one probe may time out). Pick a
+    ``timeout`` that only a failing test reaches: the poll returns as soon as the condition holds.
+    """
     deadline = time.monotonic() + timeout
-    last: AssertionError | None = None
+    last: BaseException | None = None
     while True:
         try:
             result = fn()
@@ -61,6 +67,33 @@ async def assert_eventually(
             last = AssertionError(f"condition still false after {timeout:g}s: {fn!r}")
         except AssertionError as e:
             last = e
+        except retry_on as e:
+            last = AssertionError(f"still failing after {timeout:g}s: {type(e).__name__}: {e}")
+            last.__cause__ = e
         if time.monotonic() >= deadline:
             raise last
         await asyncio.sleep(interval)
+
+
+async def wait_for_poller(
+    client: Client,
+    task_queue: str,
+    timeout: float = 180.0,  # noqa: ASYNC109 - a deadline for polling, not for one await
+) -> None:
+    """Until a worker polls ``task_queue`` for activities (a worker process has started: seconds
+    on a busy machine, hence the generous default that only a failing test reaches)."""
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
+    async def polled() -> bool:
+        answer = await client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=client.namespace,
+                task_queue=TaskQueue(name=task_queue),
+                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+            )
+        )
+        return len(answer.pollers) > 0
+
+    await assert_eventually(polled, timeout=timeout, interval=0.1)

@@ -18,7 +18,7 @@ from workflows.deployment_models import AllocationRequest
 from workflows.snapshot_models import DatabaseKind, DatabaseRef
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.servers)])
 def strategy_db(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[DatabaseRef, Database]:
     if request.param == "sqlite":
         path = tmp_path / "state.sqlite"

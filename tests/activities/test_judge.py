@@ -504,6 +504,7 @@ def test_the_result_round_trips_through_temporal_and_is_deterministic() -> None:
         assert converter.from_payloads(payloads, [kind]) == [value]
 
 
+@pytest.mark.servers  # a fresh interpreter: a process
 def test_the_models_import_without_scipy_or_numpy() -> None:
     # workflows/ runs inside Temporal's sandbox: its models must not drag the statistics in.
     code = (

@@ -28,7 +28,7 @@ OLD, NEW = "1.3.0", "1.4.0"
 INTENT = "INSERT INTO intents (cid, version) VALUES (?, ?)"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.servers)])
 def strategy_db(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[DatabaseRef, Database]:
     if request.param == "sqlite":
         path = tmp_path / "state.sqlite"

@@ -57,7 +57,7 @@ def rows(db: Database) -> tuple[dict[str, Decimal], dict[str, str]]:
     return positions, orders
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.servers)])
 def strategy_db(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[DatabaseRef, Database]:
     if request.param == "sqlite":
         path = tmp_path / "state.sqlite"

@@ -41,8 +41,12 @@ from workflows.deploy_models import (
 from workflows.rollback_models import RollbackInput
 from workflows.snapshot_models import DatabaseKind, SnapshotRecord
 
-START_S = 20.0
-"""Generous: a strategy imports ccxt and reaches the sandbox before it is healthy."""
+START_S = 60.0
+"""Generous: a strategy imports ccxt and reaches the sandbox before it is healthy (seconds on a
+busy machine); only a failing test waits this long."""
+PROBE_S = 5.0
+"""One /healthz request's timeout: the strategy answers from its event loop, which a busy
+machine can hold up for more than a second."""
 
 
 @pytest_asyncio.fixture
@@ -63,12 +67,19 @@ def port_url(port_file: str | None) -> str:
 
 
 async def healthy(target: SupervisorTarget, version: str | None = None) -> HealthReport:
-    """A healthy /healthz of ``version`` (default: the current one), HALTED."""
-    report = await target.health(timeout_s=1.0, version=version)
+    """A healthy /healthz of ``version`` (default: the current one), HALTED: one probe."""
+    report = await target.health(timeout_s=PROBE_S, version=version)
     assert report.healthy, report
     assert report.version == (version or await target.current()), report
     assert report.trading_state == "HALTED", report
     return report
+
+
+async def comes_healthy(target: SupervisorTarget, version: str | None = None) -> HealthReport:
+    """``healthy``, polled: a version just started, kept or handed over answers on its port
+    once it wrote its port file and its loop thread let /healthz through, which on a busy
+    machine is after the call that started it returned."""
+    return await assert_eventually(lambda: healthy(target, version), timeout=START_S)
 
 
 async def running(target: SupervisorTarget, *versions: str) -> TargetView:
@@ -100,7 +111,7 @@ async def candidate_beside(target: SupervisorTarget, current: str, candidate: st
     await target.activate(current, requested_by="test", reason="first deploy")
     started = await target.start_candidate(candidate, requested_by="test", reason="shadow")
     assert started.current == current and not started.already_running
-    await assert_eventually(lambda: healthy(target, candidate), timeout=START_S)
+    await comes_healthy(target, candidate)
     await assert_eventually(lambda: running(target, current, candidate), timeout=START_S)
 
 
@@ -108,16 +119,16 @@ async def test_candidate_beside_current_promote_route_back_retire(halted: Rig) -
     target = halted.target
     with Poller(target) as poller:
         await target.activate("1.0", requested_by="test", reason="first deploy")
-        await assert_eventually(lambda: healthy(target), timeout=START_S)
+        await comes_healthy(target)
 
         started = time.monotonic()
         candidate = await target.start_candidate("2.0", requested_by="test", reason="shadow")
         assert candidate.version == "2.0" and candidate.current == "1.0"
         assert not candidate.already_running and candidate.running_versions == ["1.0", "2.0"]
         assert candidate.port_file == str(target.state_dir / "ports" / "2.0.port")
-        green = await assert_eventually(lambda: healthy(target, "2.0"), timeout=START_S)
+        green = await comes_healthy(target, "2.0")
         print(f"candidate healthy in {time.monotonic() - started:.2f}s")
-        blue = await healthy(target)  # the current one, on the configured port
+        blue = await comes_healthy(target)  # the current one, on the configured port
         assert blue.version == "1.0" and blue.url != green.url
         assert green.url == port_url(candidate.port_file)
         view = await assert_eventually(lambda: running(target, "1.0", "2.0"), timeout=START_S)
@@ -141,8 +152,9 @@ async def test_candidate_beside_current_promote_route_back_retire(halted: Rig) -
         view = await running(target, "1.0", "2.0")
         assert pids(view) == both, "promote restarted a process"
         assert (view.current, view.previous, view.candidate) == ("2.0", "1.0", None)
-        assert (await healthy(target)).url == green.url  # current now answers on its own port
-        await healthy(target, "1.0")  # the old one stays warm
+        # The current one now answers on its own port; the old one stays warm.
+        assert (await comes_healthy(target)).url == green.url
+        await comes_healthy(target, "1.0")
 
         repeat = await target.promote("2.0", requested_by="test", reason="retry")
         assert repeat.already_active and repeat.previous == "1.0"
@@ -151,7 +163,7 @@ async def test_candidate_beside_current_promote_route_back_retire(halted: Rig) -
         back = await target.promote("1.0", requested_by="test", reason="route back")
         assert (back.version, back.previous) == ("1.0", "2.0")
         assert pids(await running(target, "1.0", "2.0")) == both
-        await healthy(target)
+        await comes_healthy(target)
         again_forward = await target.promote("2.0", requested_by="test", reason="forward again")
         assert again_forward.previous == "1.0"
 
@@ -160,7 +172,7 @@ async def test_candidate_beside_current_promote_route_back_retire(halted: Rig) -
         assert retired.running_versions == ["2.0"]
         view = await running(target, "2.0")
         assert pids(view) == {"2.0": both["2.0"]}
-        await healthy(target)
+        await comes_healthy(target)
         assert not (target.state_dir / "programs" / "1.0.conf").exists()
         repeat_retire = await target.retire("1.0", requested_by="test", reason="retry")
         assert repeat_retire.already_retired and repeat_retire.stopped_versions == []
@@ -219,7 +231,7 @@ async def test_crash_looping_candidate_cannot_be_promoted(halted: Rig) -> None:
     await target.start_candidate("3.0", requested_by="test", reason="shadow")
 
     async def crashed() -> None:
-        report = await target.health(timeout_s=0.5, version="3.0")
+        report = await target.health(timeout_s=PROBE_S, version="3.0")
         assert not report.healthy and report.process_state == "FATAL", report
 
     await assert_eventually(crashed, timeout=START_S)
@@ -227,10 +239,10 @@ async def test_crash_looping_candidate_cannot_be_promoted(halted: Rig) -> None:
         await target.promote("3.0", requested_by="test", reason="handover")
     assert not info.value.retryable
     assert await target.current() == "1.0"
-    await assert_eventually(lambda: healthy(target), timeout=START_S)
+    await comes_healthy(target)
     # A dead candidate holds no place: another one may start (its program replaces nothing).
     await target.start_candidate("2.0", requested_by="test", reason="second try")
-    await assert_eventually(lambda: healthy(target, "2.0"), timeout=START_S)
+    await comes_healthy(target, "2.0")
     assert (await target.retire("3.0", reason="crashed")).stopped_versions == []
     assert (await target.versions()).candidate == "2.0"
 
@@ -245,14 +257,14 @@ async def test_activate_leaves_one_version_even_beside_a_candidate(halted: Rig) 
         record = await target.activate("4.0", requested_by="test", reason="plain deploy")
     assert record.running_versions == ["4.0"] and record.previous == "1.0"
     assert poller.max_alive == 2 and (await target.versions()).candidate is None
-    await assert_eventually(lambda: healthy(target, "4.0"), timeout=START_S)
+    await comes_healthy(target, "4.0")
 
     # The current one again: the candidate is stopped, the current one restarted on its own.
     await target.start_candidate("2.0", requested_by="test", reason="shadow")
     await assert_eventually(lambda: running(target, "2.0", "4.0"), timeout=START_S)
     record = await target.activate("4.0", requested_by="test", reason="start")
     assert record.running_versions == ["4.0"]
-    await assert_eventually(lambda: healthy(target), timeout=START_S)
+    await comes_healthy(target)
 
     # The candidate itself: kept as it runs (same process, own port), everything else stopped.
     await target.start_candidate("2.0", requested_by="test", reason="shadow")
@@ -262,9 +274,9 @@ async def test_activate_leaves_one_version_even_beside_a_candidate(halted: Rig) 
     after = await running(target, "2.0")
     assert pids(after)["2.0"] == pids(view)["2.0"]
     assert after.processes[0].port_file is not None
-    await healthy(target)
+    await comes_healthy(target)
     assert await target.stop() == ["2.0"] and await target.start() == ["2.0"]
-    await assert_eventually(lambda: healthy(target), timeout=START_S)
+    await comes_healthy(target)
     assert (await target.versions()).processes[0].port_file is None  # restarted as activate does
 
 
@@ -290,7 +302,7 @@ async def test_candidate_outlives_the_worker_that_started_it(halted: Rig) -> Non
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == b"started"
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=5)
+        proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -303,13 +315,13 @@ async def test_candidate_outlives_the_worker_that_started_it(halted: Rig) -> Non
         strategy_config=Path(str(halted.options["strategy_config"])),
         port_file=Path(str(halted.options["port_file"])),
     )
-    await assert_eventually(lambda: healthy(fresh, "2.0"), timeout=START_S)
+    await comes_healthy(fresh, "2.0")
     view = await assert_eventually(lambda: running(fresh, "1.0", "2.0"), timeout=START_S)
     assert (view.current, view.candidate) == ("1.0", "2.0")
     assert (await fresh.start_candidate("2.0")).already_running
     await fresh.promote("2.0", requested_by="worker-2", reason="handover")
     assert pids(await running(fresh, "1.0", "2.0")) == pids(view)
-    await healthy(fresh)
+    await comes_healthy(fresh)
 
 
 async def test_blue_green_activities(halted: Rig) -> None:
@@ -322,7 +334,7 @@ async def test_blue_green_activities(halted: Rig) -> None:
     assert started.current == "1.0" and started.running_versions == ["1.0", "2.0"]
 
     async def candidate_healthy() -> HealthReport:
-        request = HealthRequest(ref=REF, timeout_s=1.0, version="2.0")
+        request = HealthRequest(ref=REF, timeout_s=PROBE_S, version="2.0")
         report = await env.run(activities.check_health, request)
         assert report.healthy and report.version == "2.0", report
         return report

@@ -106,14 +106,25 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+PROBE_S = 10.0
+"""One HTTP request's timeout: the strategy answers from its event loop, which a busy machine
+(or its own fold of a million fills) can hold up for seconds."""
+START_S = 60.0
+"""Polls that wait for a process to start or act; only a failing test waits this long."""
+UNREACHABLE = (aiohttp.ClientError, TimeoutError)
+"""What a probe of a process that is still starting raises: "not yet" to ``assert_eventually``."""
+
+
 async def get_json(url: str) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as s, s.get(url, timeout=aiohttp.ClientTimeout(2)) as r:
+    timeout = aiohttp.ClientTimeout(PROBE_S)
+    async with aiohttp.ClientSession() as s, s.get(url, timeout=timeout) as r:
         return r.status, await r.json()
 
 
 async def metrics(run: Running) -> dict[str, float]:
     """Every sample of /metrics, parsed by prometheus_client's own parser, keyed by name+labels."""
-    async with aiohttp.ClientSession() as s, s.get(run.base_url + "/metrics") as r:
+    timeout = aiohttp.ClientTimeout(PROBE_S)
+    async with aiohttp.ClientSession() as s, s.get(run.base_url + "/metrics", timeout=timeout) as r:
         text = await r.text()
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -163,7 +174,7 @@ def launcher(sandbox: SandboxHandle, new_account: NewAccount, tmp_path: Path) ->
                 status, body = await get_json(run.base_url + "/healthz")
                 assert status == 200, body
 
-            await assert_eventually(healthy, timeout=15)
+            await assert_eventually(healthy, timeout=START_S, retry_on=UNREACHABLE)
         return run
 
     try:
@@ -233,23 +244,21 @@ async def test_halted_stops_orders_within_one_loop_and_reducing_only_reduces(
         account.api_key, [PositionSet(symbol="BTCUSDT", qty=Decimal("0.004"))]
     )
     run = await launch(account=account, loop_interval_s=0.3)
-    await assert_eventually(lambda: _has_open_orders(sandbox_admin, run), timeout=10)
+    await assert_eventually(lambda: _has_open_orders(sandbox_admin, run), timeout=START_S)
 
     change = set_trading_state(run.config.db, TradingState.HALTED, "test", "halt drill")
     assert change.changed
-    halted_at = time.monotonic()
 
     async def nothing_rests() -> None:
         state = await sandbox_admin.state(run.account.api_key)
         assert state.open_orders == []
 
-    # One loop to read the state and cancel (plus the request round trips).
-    await assert_eventually(nothing_rests, timeout=3, interval=0.05)
-    assert time.monotonic() - halted_at < 2 * run.config.loop_interval_s + 1.0
+    # The next loop reads the state and cancels. Polled, not timed: on a busy machine a loop
+    # takes what it takes (the loop-count checks below are what bounds the strategy).
+    await assert_eventually(nothing_rests, timeout=START_S)
     count = len(ours(await sandbox_admin.state(run.account.api_key), run))
-    await assert_eventually(
-        lambda: _loops_at_least(run, 3), timeout=5
-    )  # three more loops: still nothing new
+    # Three more loops: still nothing new.
+    await assert_eventually(lambda: _loops_at_least(run, 3), timeout=START_S)
     assert len(ours(await sandbox_admin.state(run.account.api_key), run)) == count
     _, body = await get_json(run.base_url + "/healthz")
     assert body["trading_state"] == "HALTED"
@@ -265,8 +274,8 @@ async def test_halted_stops_orders_within_one_loop_and_reducing_only_reduces(
         assert all(o.reduce_only for o in new), [(o.symbol, o.side, o.reduce_only) for o in new]
         assert all(o.reduce_only for o in state.open_orders)
 
-    await assert_eventually(reducing, timeout=5)
-    await assert_eventually(lambda: _loops_at_least(run, 3), timeout=5)
+    await assert_eventually(reducing, timeout=START_S)
+    await assert_eventually(lambda: _loops_at_least(run, 3), timeout=START_S)
     await reducing()
     state = await sandbox_admin.state(run.account.api_key)
     # Reduce-only orders shrink positions, never grow them.
@@ -308,7 +317,7 @@ async def test_faulty_releases_misbehave_observably(
         assert total(samples, "strategy_order_rejects_total") >= 6
         assert total(samples, "strategy_orders_placed_total") == 0
 
-    await assert_eventually(storming, timeout=10)
+    await assert_eventually(storming, timeout=START_S)
     stats = await sandbox_admin.stats()
     assert stats.requests_by_status.get("400", 0) >= 6
     assert ours(await sandbox_admin.state(storm.account.api_key), storm) == []
@@ -319,7 +328,7 @@ async def test_faulty_releases_misbehave_observably(
         cap = big.config.max_position_notional
         assert any(o.qty * prices[o.symbol] > 10 * cap for o in state.open_orders)
 
-    await assert_eventually(oversized, timeout=10)
+    await assert_eventually(oversized, timeout=START_S)
 
     async def slow_orders() -> None:
         samples = await metrics(slow)
@@ -327,9 +336,9 @@ async def test_faulty_releases_misbehave_observably(
         fast = samples["strategy_order_latency_seconds_bucket{le=0.5}"]
         assert count >= 2 and fast == 0
 
-    await assert_eventually(slow_orders, timeout=10)
+    await assert_eventually(slow_orders, timeout=START_S)
 
-    assert crash.proc.wait(timeout=10) == 3
+    assert crash.proc.wait(timeout=START_S) == 3
     assert "crash-loop release: exiting on purpose" in crash.log()
 
 
@@ -361,7 +370,7 @@ async def test_postgres_backend_runs_the_strategy(
     dsn = f"postgresql://postgres@127.0.0.1:5432/{name}"
     try:
         run = await launch(db=dsn, symbols=["ETHUSDT"])
-        await assert_eventually(lambda: _has_open_orders(sandbox_admin, run), timeout=10)
+        await assert_eventually(lambda: _has_open_orders(sandbox_admin, run), timeout=START_S)
         assert set_trading_state(dsn, TradingState.HALTED, "test", "pg halt").changed
         assert not set_trading_state(dsn, TradingState.HALTED, "test", "again").changed
 
@@ -370,7 +379,7 @@ async def test_postgres_backend_runs_the_strategy(
             assert body["trading_state"] == "HALTED"
             assert (await sandbox_admin.state(run.account.api_key)).open_orders == []
 
-        await assert_eventually(halted, timeout=5)
+        await assert_eventually(halted, timeout=START_S)
         with psycopg.connect(dsn) as conn:
             orders = conn.execute("SELECT count(*) FROM orders WHERE order_id IS NOT NULL")
             row = orders.fetchone()
@@ -391,7 +400,7 @@ async def test_without_the_lease_it_decides_but_sends_nothing_until_granted(
     key = StrategyConfig.model_fields["api_key_env"].default  # no ``account``: the lease key
     other = lease.grant(db, key, "v-other", "test", "another version trades")
     run = await launch(db=db, symbols=["ETHUSDT"], loop_interval_s=0.3)
-    await assert_eventually(lambda: _loops_at_least(run, 4), timeout=10)
+    await assert_eventually(lambda: _loops_at_least(run, 4), timeout=START_S)
 
     # A shadow: nothing on the venue, its decisions logged unsent, the epoch acknowledged.
     assert (await sandbox_admin.state(run.account.api_key)).orders == []
@@ -403,7 +412,7 @@ async def test_without_the_lease_it_decides_but_sends_nothing_until_granted(
     assert body["healthy"] and not body["sending"] and body["lease_epoch"] == other.epoch
 
     granted = lease.grant(db, key, "v-none", "test", "handed over")
-    await assert_eventually(lambda: _has_open_orders(sandbox_admin, run), timeout=10)
+    await assert_eventually(lambda: _has_open_orders(sandbox_admin, run), timeout=START_S)
     state = await sandbox_admin.state(run.account.api_key)
     tag = f"{run.config.client_id_prefix}-v_none-"  # the version, "-" made "_"
     assert state.orders and all(o.client_order_id.startswith(tag) for o in state.orders)
@@ -481,12 +490,12 @@ async def test_pnl_cash_is_the_sum_over_fills_across_restarts_and_restores(
         assert cash_and_fills(str(db))[2] > n
 
     async def consistent(run: Running) -> None:
-        await assert_eventually(lambda: _loops_at_least(run, 2), timeout=10)
+        await assert_eventually(lambda: _loops_at_least(run, 2), timeout=START_S)
         cash, total, _ = cash_and_fills(str(db))
         assert cash == total
 
     first = await launch(db=str(db), loop_interval_s=0.3)
-    await assert_eventually(lambda: fills_beyond(3), timeout=30)
+    await assert_eventually(lambda: fills_beyond(3), timeout=START_S)
     snapshot = tmp_path / "snapshot.sqlite"
     copy_database(db, snapshot)
     stop_process(first.proc)
@@ -495,7 +504,7 @@ async def test_pnl_cash_is_the_sum_over_fills_across_restarts_and_restores(
 
     # A restart carries on from the database's own row.
     again = await launch(db=str(db), loop_interval_s=0.3, account=first.account)
-    await assert_eventually(lambda: fills_beyond(count), timeout=30)
+    await assert_eventually(lambda: fills_beyond(count), timeout=START_S)
     await consistent(again)
 
     # The snapshot restored under the running process: its cash comes back with its fills.
@@ -514,7 +523,7 @@ async def test_pnl_cash_is_the_sum_over_fills_across_restarts_and_restores(
     assert "lacks a table" in again.log()
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.servers)])
 def test_fold_cash_is_exact_incremental_and_recovers(backend: str, tmp_path: Path) -> None:
     with _database(backend, tmp_path) as ref:
         db = Database(ref)
@@ -586,16 +595,23 @@ def _database(backend: str, tmp_path: Path) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-STOP_BOUND_S = 1.2
-"""SIGTERM to exit; the loop interval is 0.5 s, and folding a million fills takes seconds."""
-
-
-async def _sigterm(run: Running) -> float:
-    t0 = time.monotonic()
+async def _sigterm(run: Running) -> None:
+    """SIGTERM, then the exit: clean (0) and logged. How soon is not asserted (a busy machine
+    decides that); what the stop did not wait for is, by each caller."""
     run.proc.send_signal(signal.SIGTERM)
-    code = await asyncio.to_thread(run.proc.wait, 10)
+    # A hang detector, not a bound: a stop that waited for the work below takes minutes.
+    code = await asyncio.to_thread(run.proc.wait, START_S)
     assert code == 0, run.log()
-    return time.monotonic() - t0
+    assert "stopped" in run.log()
+
+
+def _decided(db: Path, version: str) -> bool:
+    """``version`` logged decisions it was about to send (what it does before deciding slowly)."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM decisions WHERE version = ? AND sent = 1", (version,)
+        ).fetchone()
+    return bool(row and row[0])
 
 
 async def test_sigterm_exits_within_a_loop_even_mid_read_and_records_what_it_sent(
@@ -605,31 +621,37 @@ async def test_sigterm_exits_within_a_loop_even_mid_read_and_records_what_it_sen
     seed_fills(db, 1_000_000)
     # The first loop on this database sums a million fills into pnl_cash: seconds of reading.
     cold = await launch(db=str(db), wait_healthy=False)
-    assert cold.config.port_file is not None
-    await assert_eventually(cold.config.port_file.exists, timeout=15)
-    await asyncio.sleep(0.5)
-    assert total(await metrics(cold), "strategy_loops_total") == 0  # still in the first loop
-    took = await _sigterm(cold)
-    assert took < STOP_BOUND_S, took
-    assert "stopped" in cold.log()
-    assert cash_and_fills(str(db))[0] is None  # the abandoned fold committed nothing
+
+    async def in_first_loop() -> None:
+        samples = await metrics(cold)
+        assert samples.get("strategy_feed_staleness_seconds{}", 0) > 0, "prices not read yet"
+        assert total(samples, "strategy_loops_total") == 0, "the first loop already ended"
+
+    # Prices read, no loop ended: it is reconciling, and its fold of a million fills is next.
+    await assert_eventually(in_first_loop, timeout=START_S, retry_on=UNREACHABLE)
+    await _sigterm(cold)
+    # It did not wait for the read: the abandoned fold committed nothing.
+    assert cash_and_fills(str(db))[0] is None
 
     warm = await launch(db=str(db), account=cold.account, loop_interval_s=0.5)
     for offset in (0.0, 0.17, 0.31):  # somewhere in the loop or its pause
-        await assert_eventually(lambda: _loops_at_least(warm, 2), timeout=10)  # noqa: B023
-        await asyncio.sleep(offset)
-        took = await _sigterm(warm)
-        assert took < STOP_BOUND_S, (offset, took)
+        await assert_eventually(lambda: _loops_at_least(warm, 2), timeout=START_S)  # noqa: B023
+        await asyncio.sleep(offset)  # where in the loop the stop lands, not a wait for anything
+        await _sigterm(warm)
         cash, truth, _ = cash_and_fills(str(db))
         assert cash == truth
         warm = await launch(db=str(db), account=cold.account, loop_interval_s=0.5)
 
-    # The slow release decides for 1.2 s before each order: a stop then sends nothing more.
-    slow = await launch(Fault.LATENCY, db=str(db), account=cold.account, loop_interval_s=0.5)
+    # The slow release "thinks" before each order, far longer than any test runs: a stop then
+    # cuts the thinking short and sends nothing. It logs its decisions before thinking.
+    slow = await launch(
+        Fault.LATENCY, db=str(db), account=cold.account, loop_interval_s=0.5, latency_fault_s=600
+    )
     stop_process(warm.proc)
-    await asyncio.sleep(0.8)
-    took = await _sigterm(slow)
-    assert took < STOP_BOUND_S, took
+    await assert_eventually(lambda: _decided(db, "v-latency"), timeout=START_S)
+    await _sigterm(slow)
+    assert "finishing the orders in flight" in slow.log()
+    assert ours(await sandbox_admin.state(cold.account.api_key), slow) == []
     # Nothing half-recorded: every order the venue has from these runs is in the database with
     # the venue's id.
     state = await sandbox_admin.state(cold.account.api_key)
@@ -685,20 +707,24 @@ async def test_weight_per_loop_is_small_and_no_admin_token_is_needed(own_venue: 
     assert own_venue.handle.admin_token not in {*env.values(), config_text}
     assert "feed" not in json.loads(config_text)
 
-    if time.time() % 60 > 45:  # count inside one of the venue's minute windows
+    if time.time() % 60 > 45:  # count inside one of the venue's minute windows if we can
         await asyncio.sleep(60.5 - time.time() % 60)
     minute = int(time.time() // 60)
     await own_venue.admin.reset_stats()
+    started = time.monotonic()
     loops_before = total(await metrics(run), "strategy_loops_total")
-    await asyncio.sleep(10)
+    # Counted over loops, not seconds: a busy machine runs fewer loops in a given time.
+    await assert_eventually(lambda: _loops_at_least(run, 20), timeout=START_S)
     stats = await own_venue.admin.stats()
     loops = total(await metrics(run), "strategy_loops_total") - loops_before
+    elapsed = time.monotonic() - started
     same_window = int(time.time() // 60) == minute
 
     calls = stats.requests_by_endpoint
     assert calls.get("GET /fapi/v1/premiumIndex", 0) <= loops + 1
     assert calls.get("GET /fapi/v1/openOrders", 0) <= 2 * (loops + 1)
-    assert calls.get("GET /fapi/v3/positionRisk", 0) <= 10 / run.config.positions_refresh_s + 1
+    # positionRisk at most every positions_refresh_s of the strategy's clock, however slow.
+    assert calls.get("GET /fapi/v3/positionRisk", 0) <= elapsed / run.config.positions_refresh_s + 1
     assert calls.get("GET /fapi/v1/order", 0) <= calls.get("POST /fapi/v1/order", 0) + 2
     weight = 0
     for endpoint, count in calls.items():
@@ -724,8 +750,9 @@ async def test_rate_limited_it_waits_instead_of_getting_the_ip_banned(
     async def limited() -> None:
         assert (await own_venue.admin.stats()).count_429 >= 1
 
-    await assert_eventually(limited, timeout=20)
-    await asyncio.sleep(3)
+    await assert_eventually(limited, timeout=START_S)
+    # Then 15 more loops (3 s when the machine is idle): it keeps quiet, it is never banned.
+    await assert_eventually(lambda: _loops_at_least(run, 15), timeout=START_S)
     stats = await own_venue.admin.stats()
     assert stats.count_418 == 0, stats
     assert stats.count_429 <= 5, stats

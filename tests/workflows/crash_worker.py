@@ -6,7 +6,10 @@
 - ``BG_CRASH_LEDGER``: a file where each cue is written (and fsynced) just before the process
   kills itself; a restarted worker reads it and does not fire the same cue twice.
 
-Phases, for the first attempt of an activity type that reaches this worker:
+Phases, for the first attempt of an activity type that reaches this worker (an armed attempt
+that raises, or is cancelled, e.g. timed out on a busy machine, re-arms the cue for the next
+one; while an attempt is armed, other attempts of its type in this worker wait for it, so a
+retry running beside it cannot do its effect first):
 
 - ``start``: before the activity's code runs;
 - ``end``: after it returned, before Temporal heard the result;
@@ -14,13 +17,15 @@ Phases, for the first attempt of an activity type that reaches this worker:
   changes something (POST/PUT/DELETE) got its answer, a supervisord call that changes processes
   returned, a state-database transaction committed, or a restore wrote the snapshot back (before
   its verification). An activity that only reads has no middle to cut; it dies at its end, and
-  the ledger says so (``middle=end``).
+  the ledger says so (``middle=end``). So does an effectful one whose effect an attempt before
+  it had already made (``middle=end attempt N``: a worker died while that attempt ran).
 
 The hooks are monkeypatches in this test process only; production code has no crash points.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import functools
@@ -78,9 +83,15 @@ class Cues:
         self.ledger = ledger
         done = fired(ledger)
         self.pending = {name: phase for name, phase in cues.items() if name not in done}
+        self.armed: dict[str, asyncio.Lock] = {}
+        """Per activity type with a cue: held by its armed attempt while it runs."""
 
     def take(self, name: str) -> str | None:
         return self.pending.pop(name, None)
+
+    def rearm(self, name: str, phase: str) -> None:
+        """The armed attempt ended without dying (it raised or was cancelled): the next one."""
+        self.pending.setdefault(name, phase)
 
     def die(self, name: str, how: str) -> None:
         with self.ledger.open("a") as f:
@@ -104,18 +115,34 @@ class _Inbound(ActivityInboundInterceptor):
         self.cues = cues
 
     async def execute_activity(self, input: ExecuteActivityInput) -> Any:
-        name = activity.info().activity_type
-        phase = self.cues.take(name)
-        if phase == "start":
-            self.cues.die(name, "start")
-        token = _armed_middle.set(name) if phase == "middle" else None
-        try:
-            result = await super().execute_activity(input)
-        finally:
-            if token is not None:
-                _armed_middle.reset(token)
-        if phase is not None:
-            self.cues.die(name, "end" if phase == "end" else "middle=end")
+        info = activity.info()
+        name = info.activity_type
+        lock = self.cues.armed.get(name)
+        if lock is None:
+            if name not in self.cues.pending:
+                return await super().execute_activity(input)
+            lock = self.cues.armed[name] = asyncio.Lock()
+        async with lock:  # one armed attempt at a time; others of the type wait for it
+            phase = self.cues.take(name)
+            if phase == "start":
+                self.cues.die(name, "start")
+            token = _armed_middle.set(name) if phase == "middle" else None
+            try:
+                result = await super().execute_activity(input)
+            except BaseException:
+                if phase is not None:
+                    self.cues.rearm(name, phase)
+                raise
+            finally:
+                if token is not None:
+                    _armed_middle.reset(token)
+            if phase == "end":
+                self.cues.die(name, "end")
+            elif phase == "middle":
+                # Nothing outside the worker changed: a read-only activity, or its effect was
+                # made by an attempt before this one (which a dead worker ran).
+                retry = f" attempt {info.attempt}" if info.attempt > 1 else ""
+                self.cues.die(name, f"middle=end{retry}")
         return result
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -40,9 +41,9 @@ from tests.fixtures.rollback import (
 from tests.fixtures.sandbox import free_port
 from tests.fixtures.temporal import SEARCH_ATTRIBUTE_ARGS
 from tests.fixtures.venues import MARKET_BY_SYMBOL, assert_no_order_sent_twice
-from tests.helpers import assert_eventually, fresh_id
+from tests.helpers import assert_eventually, fresh_id, wait_for_poller
 from tests.workflows.crash_worker import PHASES, fired
-from tests.workflows.test_kill_switch_sandbox import retried_activities, wait_for_poller
+from tests.workflows.test_kill_switch_sandbox import retried_activities
 from worker.devstack import find_executable
 from workflows.rollback import RollbackWorkflow
 from workflows.rollback_models import (
@@ -54,7 +55,11 @@ from workflows.rollback_models import (
 )
 from workflows.shared import StepState
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
+"""Hang detectors, not bounds: each mostly waits for dead workers to be noticed, and on a busy
+machine everything around that takes what it takes."""
+WAIT_S = 180.0
+"""Polls for a step or a server: only a failing test waits this long."""
 
 CRASH_WORKER = "tests.workflows.crash_worker"
 ORDER = "POST /fapi/v1/order"
@@ -107,7 +112,7 @@ async def connect(address: str, converter: DataConverter) -> Client:
         except RuntimeError as e:
             raise AssertionError(f"dev server not up: {e}") from e
 
-    return await assert_eventually(up, timeout=20, interval=0.1)
+    return await assert_eventually(up, timeout=WAIT_S, interval=0.1)
 
 
 # --------------------------------------------------------------------------- the saga
@@ -124,22 +129,47 @@ async def wait_for_step(handle: WorkflowHandle, step: RollbackStep, state: StepS
         latest = [e.state for e in (await status(handle)).timeline if e.step is step]
         assert latest and latest[-1] is state, f"{step.value}: {latest}"
 
-    await assert_eventually(reached, timeout=45, interval=0.02)
+    await assert_eventually(reached, timeout=WAIT_S, interval=0.02)
 
 
-async def fault_hit(admin: SandboxAdmin) -> None:
-    assert any(f.hits > 0 for f in await admin.faults()), "no flatten order in flight yet"
+HOLD_MS = 5000
+"""How long the venue holds every order of the account before answering it."""
 
 
-async def slow_flatten(s: Scenario, admin: SandboxAdmin, handle: WorkflowHandle) -> None:
-    """Flatten orders hang; return once one is in flight (the faulty strategy is stopped by then,
-    so the fault catches the kill switch's orders only)."""
-    await wait_for_step(handle, RollbackStep.STOP, StepState.DONE)
+async def hold_orders(s: Scenario, admin: SandboxAdmin) -> float:
+    """From now on the venue holds each order of the account ``HOLD_MS`` before answering (the
+    faulty strategy's too, harmlessly); returns when that began (epoch s). Added before the
+    rollback starts: added once the strategy is stopped, it could come after the flatten's
+    order on a busy machine, and catch nothing."""
     await admin.add_faults(
-        [FaultRule(kind="latency", match=ORDER, latency_ms=2000, max_count=1, api_key=s.api_key)]
+        [FaultRule(kind="latency", match=ORDER, latency_ms=HOLD_MS, api_key=s.api_key)]
     )
-    await assert_eventually(lambda: fault_hit(admin), timeout=30, interval=0.05)
-    await wait_for_step(handle, RollbackStep.FLATTEN, StepState.RUNNING)
+    return time.time()
+
+
+async def orders_in_flight(s: Scenario, admin: SandboxAdmin, since: float) -> int:
+    """Orders of the account that reached the venue and are not answered yet: the fault's hits
+    minus the orders the venue's journal shows answered."""
+    (rule,) = [f for f in await admin.faults() if f.api_key == s.api_key and f.match == ORDER]
+    answered = [
+        r
+        for r in await admin.requests(since=since, api_key=s.api_key)
+        if f"{r.method} {r.path}" == ORDER
+    ]
+    return rule.hits - len(answered)
+
+
+async def slow_flatten(
+    s: Scenario, admin: SandboxAdmin, handle: WorkflowHandle, held_since: float
+) -> None:
+    """Return once a flatten order is in flight: the strategy is stopped (every order it sent
+    was answered before its stop returned), and an order is held at the venue."""
+    await wait_for_step(handle, RollbackStep.STOP, StepState.DONE)
+
+    async def flatten_order_held() -> None:
+        assert await orders_in_flight(s, admin, held_since) > 0, "no flatten order in flight yet"
+
+    await assert_eventually(flatten_order_held, timeout=WAIT_S, interval=0.05)
 
 
 def check_invariants_timeline(report: RollbackReport, s: Scenario) -> str:
@@ -163,7 +193,7 @@ async def check_invariants(report: RollbackReport, s: Scenario, admin: SandboxAd
     timeline = check_invariants_timeline(report, s)
     assert await s.target.running_versions() == [GOOD], timeline
     assert await s.target.current() == GOOD
-    await assert_eventually(lambda: healthy(s.target, GOOD), timeout=10)
+    await assert_eventually(lambda: healthy(s.target, GOOD), timeout=WAIT_S)
     after = await admin.state(s.api_key)
     assert [o for o in after.open_orders if o.order_id in s.orders_before] == [], timeline
     assert after.open_conditional_orders == []
@@ -282,8 +312,12 @@ async def crash_every_step(
             assert sorted(crashes) == sorted(ROLLBACK_ACTIVITIES), crashes
             if phase == "middle":
                 cut = {name for name, how in crashes.items() if how.startswith("middle: after")}
+                # Found its work done: an attempt before it, on a worker that died meanwhile
+                # (another step's cue), had made the effect. Only a busy machine overlaps so.
+                done_before = {n for n, how in crashes.items() if how.startswith("middle=end att")}
                 effectful = set(ROLLBACK_ACTIVITIES) - READ_ONLY
-                assert effectful - MAYBE_NOTHING_TO_DO <= cut <= effectful, crashes
+                assert effectful - MAYBE_NOTHING_TO_DO <= cut | done_before, crashes
+                assert cut <= effectful, crashes
             else:
                 assert set(crashes.values()) == {phase}, crashes
             # Every killed attempt was retried (local activities re-run on replay instead).
@@ -301,7 +335,7 @@ async def crash_every_step(
                     await handle.terminate("test cleanup")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 async def test_worker_killed_in_every_step_of_the_rollback_still_rolls_back(
     dev_env: WorkflowEnvironment,
     sandbox_admin: SandboxAdmin,
@@ -342,18 +376,19 @@ async def test_dev_server_restarted_mid_flatten_rollback_completes(
         ) as s:
             try:
                 await wait_for_poller(client, task_queue)
+                held_since = await hold_orders(s, sandbox_admin)
                 handle = await client.start_workflow(
                     RollbackWorkflow.run,
                     rollback_input(s),
                     id=fresh_id("rollback-server"),
                     task_queue=task_queue,
                 )
-                await slow_flatten(s, sandbox_admin, handle)
+                await slow_flatten(s, sandbox_admin, handle, held_since)
                 kill_group(server)
                 server = start_dev_server(db_file, port, server_log)
                 client = await connect(address, converter)
                 handle = client.get_workflow_handle_for(RollbackWorkflow.run, handle.id)
-                report: RollbackReport = await asyncio.wait_for(handle.result(), timeout=90)
+                report: RollbackReport = await asyncio.wait_for(handle.result(), timeout=WAIT_S)
                 await check_invariants(report, s, sandbox_admin)
             finally:
                 for proc in s.workers:
