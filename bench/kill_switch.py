@@ -211,10 +211,11 @@ async def direct_one(
     spans: list[Span],
     dead_man: bool = True,
 ) -> bool:
-    """The same activities and requests as the workflow, awaited directly: the halt (arming the
-    dead-man) runs beside the first cancel, never before it (issue 8); cancel, flatten and
-    verify follow each other, round after round. ``dead_man=False``: no halt (a caller that
-    stopped the sender itself, as the rollback saga does)."""
+    """The same activities and requests as the workflow, awaited directly: the first cancel-all
+    goes out at once, the look at the positions as they were (the report's "before") and the
+    halt (arming the dead-man) beside it, never in front (issue 8); cancel, flatten and verify
+    follow each other, round after round. ``dead_man=False``: no halt (a caller that stopped
+    the sender itself, as the rollback saga does)."""
     env = ActivityEnvironment()
 
     def step(name: str, fn: Callable[[Any], Awaitable[T]], request: Any) -> Awaitable[T]:
@@ -232,12 +233,13 @@ async def direct_one(
                 return True
         return False
 
-    if not dead_man:
-        return await unwind()
-    _, verified = await asyncio.gather(
-        step("halt_account", acts.halt, HaltRequest(account=account)), unwind()
-    )
-    return verified
+    beside: list[Awaitable[Any]] = [
+        step("snapshot_venue_state", acts.snapshot_venue_state, AccountRequest(account=account))
+    ]
+    if dead_man:
+        beside.append(step("halt_account", acts.halt, HaltRequest(account=account)))
+    verified, *_ = await asyncio.gather(unwind(), *beside)
+    return bool(verified)
 
 
 async def run_direct_without_dead_man(stack: Stack, pair: list[SandboxAccount]) -> RunResult:
