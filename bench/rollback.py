@@ -40,11 +40,13 @@ Fairness: no strategy runs while (1) and (2) are measured; the rollback's own wo
 it stopped 1.1.0. The venue's weight window and our limiter are reset before each phase, as in
 K1; the kill path is warmed up through Temporal and directly on a small book first, and each
 account has one warm connection with markets loaded before "go". The venue's weight limits and
-our limiters' budgets are doubled for both sides: the rollback's flatten kill spends about 2,100
-weight on the K1 book (its dead-man arms and disarms on 50 symbol books alone about 1,000), close
-to our 2,160 of Binance's 2,400/min, and the strategy and the floor's own kill share the minute
-(``--binance-budget`` keeps the real limits). The strategy's stale limits are raised to 15 s: its
-first loop on this database sums the 1M fills once into its cash row.
+our limiters' budgets are doubled for both sides: the rollback's flatten kill spent about 2,100
+weight on the K1 book while it armed the dead-man (arming and disarming 50 symbol books alone about
+1,000; the saga's kill now runs with ``dead_man=False``), close to our 2,160 of Binance's
+2,400/min, and the strategy and the floor's own kill share the minute (``--binance-budget`` keeps
+the real limits). ``--quick``: a 100,000-row database, for smoke runs. The strategy's stale
+limits are raised to 15 s: its first loop on this database sums the 1M fills once into its cash
+row.
 
 Printed: each floor part, the rollback's timeline, where the time goes (rollback steps against
 the floor part they correspond to), the activities' busy time in the worker and the parts of the
