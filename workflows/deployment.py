@@ -76,6 +76,9 @@ NOTIFY_RETRY = RetryPolicy(maximum_attempts=3, maximum_interval=timedelta(second
 SHORT_STEP = timedelta(seconds=30)
 HEALTH_POLL = timedelta(seconds=1)
 TRY_CANCEL = workflow.ActivityCancellationType.TRY_CANCEL
+SNAPSHOT_PER_RUN_PATCH = "pre-deploy-snapshot-per-run"
+"""Runs recorded before keyed their pre-deploy snapshot on the workflow id alone, which every
+deploy of a system shares: every deploy after the first reused the first snapshot."""
 
 
 class DeployFailed(Exception):
@@ -206,6 +209,14 @@ class DeployWorkflow:
         self._plan = plan
         self._record(version_from=plan.version_from)
         await self._validate(plan)
+        info = workflow.info()
+        # One snapshot per deploy: the run id tells this deploy from the earlier ones under the
+        # same workflow id, and stays the same across the activity's retries.
+        key = (
+            f"{info.workflow_id}/{info.run_id}/pre-deploy"
+            if workflow.patched(SNAPSHOT_PER_RUN_PATCH)
+            else f"{info.workflow_id}/pre-deploy"
+        )
         snapshot: SnapshotRecord = await self._stage_run(
             Stage.SNAPSHOT,
             self._activity(
@@ -216,7 +227,7 @@ class DeployWorkflow:
                     version=plan.version_from or "none",
                     database=plan.database,
                     reason=f"before deploying {plan.version_to}",
-                    idempotency_key=f"{workflow.info().workflow_id}/pre-deploy",
+                    idempotency_key=key,
                 ),
                 SnapshotRecord,
                 timeout=timedelta(seconds=plan.timeouts.snapshot_s),

@@ -7,8 +7,11 @@ fakes, with the real kill switch under it on the fake venue."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,8 +19,12 @@ from temporalio import activity
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.testing import ActivityEnvironment
 
 from activities.analysis import judge as judge_for_real
+from activities.rollback_plan import RollbackPlanner
+from activities.snapshot_catalog import SnapshotCatalog
+from activities.snapshots import SnapshotActivities
 from tests.helpers import assert_eventually, new_worker
 from tests.workflows.test_kill_switch_logic import FakeVenue
 from tests.workflows.test_rollback_logic import DB, REF, SNAPSHOT, FakeSystem, plan
@@ -61,9 +68,15 @@ from workflows.deployment_models import (
 )
 from workflows.kill_switch import KillSwitchWorkflow
 from workflows.rollback import RollbackWorkflow
-from workflows.rollback_models import ApprovalDecision, RollbackOutcome
+from workflows.rollback_models import ApprovalDecision, RollbackInput, RollbackOutcome
 from workflows.shared import StepState
-from workflows.snapshot_models import SnapshotRecord, SnapshotRequest
+from workflows.snapshot_models import (
+    DatabaseKind,
+    DatabaseRef,
+    RestoreRequest,
+    SnapshotRecord,
+    SnapshotRequest,
+)
 
 OLD, NEW = "1.3.0", "1.4.0"
 POLICY = AnalysisPolicy(
@@ -489,3 +502,97 @@ async def test_a_second_deploy_of_the_same_system_is_refused_while_one_runs(dev_
                 id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
             )
         await first.terminate("test done")
+
+
+class _AfterTheDeploy:
+    """The deploy target as a rollback planner sees it after the deploy: NEW current, OLD
+    before it (the only target method the planner calls beyond these is never reached)."""
+
+    async def current(self) -> str | None:
+        return NEW
+
+    async def previous(self) -> str | None:
+        return OLD
+
+    async def running_versions(self) -> list[str]:
+        return [NEW]
+
+
+async def test_two_deploys_in_a_row_take_two_snapshots_and_a_rollback_restores_the_newest(
+    time_env: Any, tmp_path: Path
+) -> None:
+    """Every deploy of a system has the same workflow id (``deploy/<s>/<e>``): a snapshot keyed
+    on it was taken once, and every later deploy reused the first one, so a rollback restored
+    state from deploys ago. The real snapshot activity on a real SQLite state database."""
+    db_path = tmp_path / "state.sqlite"
+    database = DatabaseRef(kind=DatabaseKind.SQLITE, path=db_path)
+    catalog = SnapshotCatalog(tmp_path / "catalog.sqlite")
+    snapshots = SnapshotActivities(catalog, tmp_path / "store")
+
+    def write(content: str) -> None:
+        with contextlib.closing(sqlite3.connect(db_path)) as conn, conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, v TEXT)")
+            conn.execute("INSERT OR REPLACE INTO notes (id, v) VALUES (1, ?)", (content,))
+
+    def read() -> str:
+        with contextlib.closing(sqlite3.connect(db_path)) as conn:
+            return str(conn.execute("SELECT v FROM notes WHERE id = 1").fetchone()[0])
+
+    reports: list[DeployReport] = []
+    for content in ("before the first deploy", "before the second deploy"):
+        write(content)
+        release = FakeRelease(deploy_plan(database=database))
+        fakes = [a for a in release.activities() if getattr(a, "__name__", "") != "snapshot"]
+        workflows = (DeployWorkflow, RollbackWorkflow, KillSwitchWorkflow)
+        async with new_worker(
+            time_env.client, *workflows, activities=[*fakes, snapshots.snapshot]
+        ) as worker:
+            handle = await time_env.client.start_workflow(
+                DeployWorkflow.run,
+                DeployInput(
+                    strategy=REF.strategy,
+                    env=REF.env,
+                    version=NEW,
+                    reason="release 1.4.0",
+                    requested_by="alice",
+                ),
+                id=deploy_workflow_id(REF.strategy, REF.env),  # the same for both
+                task_queue=worker.task_queue,
+                result_type=DeployReport,
+            )
+            await approve(handle, "bob")
+            reports.append(await handle.result())
+    first, second = reports
+    assert [r.outcome for r in reports] == [DeployOutcome.PROMOTED] * 2, reports
+    assert first.snapshot_id is not None and second.snapshot_id is not None
+    assert first.snapshot_id != second.snapshot_id, "the second deploy reused the first snapshot"
+    taken = catalog.list(REF.strategy, REF.env)  # newest first
+    assert [r.id for r in taken] == [second.snapshot_id, first.snapshot_id]
+
+    # A rollback after the second deploy plans the newest snapshot and restores its content.
+    runbooks = tmp_path / "rb"
+    runbooks.mkdir()
+    (runbooks / "momentum-prod.yaml").write_text(
+        f"strategy: {REF.strategy}\nenv: {REF.env}\naccounts: [a]\n"
+        f"target: {{releases_root: {tmp_path}, state_dir: {tmp_path}, "
+        f"strategy_config: {tmp_path / 'c.json'}, http_port: 8081}}\n"
+        f"database: {{kind: sqlite, path: {db_path}}}\nflatten: {{mode: auto}}\n"
+    )
+    planner = RollbackPlanner(runbooks, lambda ref: _AfterTheDeploy(), catalog)  # type: ignore[arg-type, return-value]
+    rollback_plan = await ActivityEnvironment().run(
+        planner.plan,
+        RollbackInput(strategy=REF.strategy, env=REF.env, reason="bad", requested_by="bob"),
+    )
+    assert rollback_plan.snapshot.id == second.snapshot_id
+    write("written by the bad release")
+    await ActivityEnvironment().run(
+        snapshots.restore,
+        RestoreRequest(
+            snapshot_id=rollback_plan.snapshot.id,
+            strategy=REF.strategy,
+            env=REF.env,
+            database=database,
+            reason="rollback",
+        ),
+    )
+    assert read() == "before the second deploy"
