@@ -5,23 +5,23 @@ process shows (stderr noise, a dying worker or server) is in ``test_cli_kill_pro
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
-from typer.testing import CliRunner
 
 from sandbox.admin_models import FaultRule
+
+# REPO, Run and breakglass (a real process) are imported from here by other CLI test modules.
+from tests.fixtures.cli import REPO, Run, breakglass, in_process, invoke  # noqa: F401
 from tests.fixtures.venues import MakeRig, Rig, assert_flat, kill_worker
 from tests.helpers import fresh_id
-from worker import cli_common, cli_kill, cli_start
-from worker.cli import app
+from worker import cli_kill, cli_start
 from worker.settings import Settings
 from workflows.kill_switch import KillSwitchWorkflow
 from workflows.shared import (
@@ -32,34 +32,6 @@ from workflows.shared import (
     KillSwitchInput,
     kill_workflow_id,
 )
-
-RUNNER = CliRunner()
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def report(self) -> KillReport:
-        """The ``--json`` report (``kill`` adds ``joined`` beside the report's own fields)."""
-        body = json.loads(self.out)
-        body.pop("joined", None)
-        return KillReport.model_validate(body)
-
-
-def _invoke(args: tuple[str, ...], env: dict[str, str]) -> Run:
-    cli_common.console.width = cli_common.err_console.width = 200  # rich reads COLUMNS once
-    result = RUNNER.invoke(app, list(args), env=env)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return Run(result.exit_code, result.stdout, result.stderr)
-
-
-async def breakglass(*args: str, env: dict[str, str]) -> Run:
-    """The command in process; a thread, because it runs its own event loop (``asyncio.run``)."""
-    return await asyncio.wait_for(asyncio.to_thread(_invoke, args, env), timeout=120)
 
 
 def cli_env(rig: Rig, env: WorkflowEnvironment, task_queue: str, **extra: str) -> dict[str, str]:
@@ -85,10 +57,10 @@ async def test_kill_from_the_cli_prints_a_verified_report(
     async with kill_worker(dev_env.client, rig) as w:
         env = cli_env(rig, dev_env, w.task_queue)
         names = [arg for n in rig.names() for arg in ("--account", n)]
-        run = await breakglass("kill", *names, "--reason", "reject storm", "--json", env=env)
+        run = await in_process("kill", *names, "--reason", "reject storm", "--json", env=env)
         assert run.code == ExitCode.OK, run.err
         report = run.report()  # stdout is the JSON, nothing else
-        status = await breakglass("status", report.workflow_id, "--json", env=env)
+        status = await in_process("status", report.workflow_id, "--json", env=env)
     assert json.loads(run.out)["joined"] is None  # a kill of its own, not a join
     assert report.outcome is KillOutcome.VERIFIED
     assert report.requested_by and report.reason == "reject storm"
@@ -109,7 +81,7 @@ async def test_unknown_account_is_refused_and_nothing_starts(
     rig = await make_rig(n=1, create=True)
     before = (await rig.admin.stats()).requests_by_endpoint
     env = cli_env(rig, dev_env, fresh_id("tq"))
-    run = await breakglass(
+    run = await in_process(
         "kill", "--account", rig.accounts[0].futures, "--account", "nobody", "--reason", "test",
         env=env,
     )  # fmt: skip
@@ -129,14 +101,14 @@ async def test_malformed_accounts_file_names_file_line_and_field(
     broken.write_text(text)
     line = text.splitlines().index("    route: sandbx") + 1
     env = cli_env(rig, dev_env, fresh_id("tq"), BREAKGLASS_ACCOUNTS_FILE=str(broken))
-    run = await breakglass(
+    run = await in_process(
         "kill", "--account", rig.accounts[0].futures, "--reason", "route typo", env=env
     )
     assert run.code == ExitCode.BAD_INPUT
     assert f"{broken}:{line}:" in run.err and ".route" in run.err
 
     broken.write_text("accounts:\n  a: [unclosed\n")
-    run = await breakglass("kill", "--account", "a", "--reason", "test", env=env)
+    run = await in_process("kill", "--account", "a", "--reason", "test", env=env)
     assert run.code == ExitCode.BAD_INPUT
     assert "invalid YAML" in run.err and str(broken) in run.err
 
@@ -144,10 +116,10 @@ async def test_malformed_accounts_file_names_file_line_and_field(
 async def test_bad_arguments_are_refused(dev_env: WorkflowEnvironment, make_rig: MakeRig) -> None:
     rig = await make_rig(n=1, create=True)
     env = cli_env(rig, dev_env, fresh_id("tq"))
-    run = await breakglass("kill", "--account", rig.accounts[0].futures, "--reason", "", env=env)
+    run = await in_process("kill", "--account", rig.accounts[0].futures, "--reason", "", env=env)
     assert run.code == ExitCode.BAD_INPUT
     assert "reason" in run.err
-    run = await breakglass("kill", "--reason", "no account", env=env)
+    run = await in_process("kill", "--reason", "no account", env=env)
     assert run.code == ExitCode.BAD_INPUT
 
 
@@ -163,7 +135,7 @@ async def test_unreachable_temporal_is_one_clear_line(
     rig = await make_rig(n=1, create=True)
     address = f"127.0.0.1:{free_port()}"
     env = cli_env(rig, dev_env, fresh_id("tq"), BREAKGLASS_TEMPORAL_ADDRESS=address)
-    run = await breakglass("kill", "--account", rig.accounts[0].futures, "--reason", "x y", env=env)
+    run = await in_process("kill", "--account", rig.accounts[0].futures, "--reason", "x y", env=env)
     assert run.code == ExitCode.UNREACHABLE
     assert f"cannot reach Temporal at {address}" in run.err
     assert len(run.err.strip().splitlines()) == 1
@@ -180,10 +152,10 @@ async def test_unreadable_account_is_unknown_never_zero_and_sends_nothing(
     orders_before = len((await rig.admin.state(account.api_key)).orders)
     async with kill_worker(dev_env.client, rig) as w:
         env = cli_env(rig, dev_env, w.task_queue)
-        run = await breakglass(
+        run = await in_process(
             "kill", "--account", account.futures, "--reason", "bad keys", env=env
         )
-        as_json = await breakglass(
+        as_json = await in_process(
             "kill", "--account", account.futures, "--reason", "bad keys", "--json", env=env
         )
     assert run.code == ExitCode.UNVERIFIED, run.out + run.err
@@ -214,13 +186,13 @@ async def test_status_of_an_unknown_workflow(
 ) -> None:
     rig = await make_rig(n=1, create=True)
     env = cli_env(rig, dev_env, fresh_id("tq"))
-    run = await breakglass("status", "kill/" + fresh_id("none"), env=env)
+    run = await in_process("status", "kill/" + fresh_id("none"), env=env)
     assert run.code == ExitCode.NOT_FOUND
     assert "no workflow" in run.err
 
 
 def test_help_documents_exit_codes() -> None:
-    run = _invoke(("kill", "--help"), {"COLUMNS": "200"})
+    run = invoke(("kill", "--help"), {"COLUMNS": "200"})
     assert run.code == 0
     assert "--account" in run.out and "--reason" in run.out
 
@@ -230,14 +202,14 @@ async def test_kill_without_a_worker_warns_and_stays_queued(
 ) -> None:
     rig = await make_rig(n=1, create=True)
     env = cli_env(rig, dev_env, fresh_id("tq-nobody"))
-    run = await breakglass(
+    run = await in_process(
         "kill", "--account", rig.accounts[0].futures, "--reason", "no worker", "--detach", env=env
     )
     assert run.code == ExitCode.OK
     assert "no worker is polling task queue" in run.err
     assert "the kill kill/" in run.err and "is queued" in run.err
     workflow_id = run.out.strip()
-    status = await breakglass("status", workflow_id, env=env)
+    status = await in_process("status", workflow_id, env=env)
     assert status.code == ExitCode.OK and "running" in status.out
     await dev_env.client.get_workflow_handle(workflow_id).terminate("test over")
 
@@ -268,7 +240,7 @@ async def test_second_kill_joins_says_so_and_escalates_the_scope(
                 id=kill_workflow_id([account]), task_queue=w.task_queue, result_type=KillReport,
             )  # fmt: skip
             env = cli_env(rig, dev_env, w.task_queue)
-            run = await breakglass(
+            run = await in_process(
                 "kill", "--account", account, "--reason", "second: flatten too", "--as", "bob",
                 "--json", env=env,
             )  # fmt: skip
@@ -306,7 +278,7 @@ async def test_join_without_a_worker_says_it_is_unconfirmed_and_does_not_hang(
     monkeypatch.setattr(cli_kill, "JOIN_TIMEOUT", timedelta(seconds=2))
     try:
         env = cli_env(rig, dev_env, task_queue)
-        run = await breakglass(
+        run = await in_process(
             "kill", "--account", account, "--reason", "second", "--detach", env=env
         )
         assert run.code == ExitCode.OK, run.err

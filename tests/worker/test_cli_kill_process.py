@@ -22,6 +22,7 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from sandbox.admin_models import FaultRule
+from tests.fixtures.cli import REPO
 from tests.fixtures.temporal import SEARCH_ATTRIBUTE_ARGS
 from tests.fixtures.venues import MakeRig, Rig, kill_worker
 from tests.helpers import assert_eventually, fresh_id
@@ -29,7 +30,6 @@ from worker.devstack import find_executable
 from worker.temporal_client import live_pollers
 from workflows.shared import ExitCode
 
-REPO = Path(__file__).resolve().parents[2]
 ANSI = re.compile(r"\x1b\[")
 SDK_NOISE = re.compile(r"\bWARN\b|\bERROR\b|temporal_sdk|temporal_client|Traceback|tonic|h2::")
 
