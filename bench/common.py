@@ -4,6 +4,7 @@ the sandbox's own flatness verdict, a clock that puts worker and venue times on 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import statistics
@@ -12,7 +13,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,37 @@ class CpuMeter:
         return self.spent
 
 
+class LoopLag:
+    """How late this process's event loop (the worker's activities, the client) wakes a 20 ms
+    sleeper: a late wake-up is a heartbeat, a venue answer or a cancel that waits its turn."""
+
+    TICK_S = 0.02
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(self.TICK_S)
+            self.lags.append(max(0.0, time.monotonic() - before - self.TICK_S))
+
+    def start(self) -> None:
+        self.lags = []
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> tuple[float, float]:
+        """(p99, max) lateness in seconds since ``start``."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if not self.lags:
+            return 0.0, 0.0
+        ordered = sorted(self.lags)
+        return ordered[int(0.99 * (len(ordered) - 1))], ordered[-1]
+
+
 def _cpu_seconds(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -160,6 +192,7 @@ class Stack:
     singles: list[SandboxAccount]
     """Accounts handed out one by one (``next_single``), e.g. the 100-kills fleet."""
     cpu: CpuMeter
+    lag: LoopLag = field(default_factory=LoopLag)
     http429: int = 0
 
     def next_pair(self) -> list[SandboxAccount]:

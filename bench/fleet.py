@@ -62,6 +62,8 @@ class FleetRun:
     first_cancel_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)
+    lag: tuple[float, float] = (0.0, 0.0)
+    """This process's event loop: (p99, max) lateness of a 20 ms sleeper during the run."""
     failed_attempts: dict[str, int] = field(default_factory=dict)
     """Activity attempts that raised (timed out, cancelled, failed) and were retried."""
     steps: dict[str, float] = field(default_factory=dict)
@@ -98,10 +100,12 @@ async def kill_each(stack: Stack, accounts: list[SandboxAccount], label: str) ->
 
     with contextlib.redirect_stdout(io.StringIO()):  # the console notifier's messages
         stack.cpu.start()
+        stack.lag.start()
         go_wall, go = time.time(), time.monotonic()
         results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
         wall_s = time.monotonic() - go
         cpu = stack.cpu.stop()
+        lag = stack.lag.stop()
     weight = sum(limiter.used() for limiter in stack.gateway.limiters.values())
     stats = await stack.admin.stats()
     looks = [e for kind, _, _, e in stack.clock.marks if kind == "snapshot_venue_state"]
@@ -126,6 +130,7 @@ async def kill_each(stack: Stack, accounts: list[SandboxAccount], label: str) ->
         first_cancel_ms=sorted(first_cancels_per_key(journal, go_wall).values()),
         errors=errors,
         cpu=cpu,
+        lag=lag,
         failed_attempts=dict(stack.clock.failed),
         steps=per_kill_steps(stack.clock.marks, go),
     )
@@ -235,6 +240,11 @@ def report_fleet(result: FleetResult) -> str:
     )
     failed = ", ".join(f"{k} {v}" for k, v in sorted(many.failed_attempts.items())) or "none"
     print(f"K100: activity attempts that raised and were retried (timeouts too): {failed}")
+    for label, run in (("one kill", result.one[-1]), (f"{many.kills} kills", many)):
+        print(
+            f"K100: {label}: the worker's event loop woke a 20 ms sleeper up to "
+            f"{run.lag[1] * 1000:.0f} ms late (p99 {run.lag[0] * 1000:.0f} ms)"
+        )
     for label, run in (("one kill", result.one[-1]), (f"{many.kills} kills", many)):
         steps = ", ".join(f"{k} {v:.3f}" for k, v in run.steps.items())
         print(f"K100: {label}, median s per kill: {steps}")

@@ -147,6 +147,8 @@ class RunResult:
     """(a): request -> first cancel, cut at each layer's milestones."""
     cpu: dict[str, float] = field(default_factory=dict)
     """(a): CPU seconds per process from go to the result."""
+    lag: tuple[float, float] = (0.0, 0.0)
+    """(a): the worker's event loop, (p99, max) lateness of a 20 ms sleeper."""
 
     @property
     def ok(self) -> bool:
@@ -178,11 +180,13 @@ async def run_temporal(stack: Stack, pair: list[SandboxAccount]) -> RunResult:
     stack.clock.marks.clear()
     with contextlib.redirect_stdout(io.StringIO()):  # the console notifier's message
         stack.cpu.start()
+        stack.lag.start()
         go_wall, go = time.time(), time.monotonic()
         handle = await cli_start_kill(stack.temporal.client, request, stack.settings)
         report: KillReport = await handle.result()
         wall = time.monotonic() - go
         cpu = stack.cpu.stop()
+        lag_p99, lag_max = stack.lag.stop()
     spans = [Span(n, a, s - go, e - go) for n, a, s, e in stack.clock.marks]
     result = RunResult(
         "a",
@@ -191,6 +195,7 @@ async def run_temporal(stack: Stack, pair: list[SandboxAccount]) -> RunResult:
         spans=spans,
         extra={"time_to_flat_s": report.time_to_flat_s or float("nan"), "wall_to_result": wall},
         cpu=cpu,
+        lag=(lag_p99, lag_max),
     )
     first = await first_cancel(stack, {a.api_key for a in pair}, go_wall)
     if first is not None:
@@ -475,6 +480,12 @@ def report(
     if measured:
         walls = [r.extra["wall_to_result"] for r in measured]
         print(f"(a) {cpu_line([r.cpu for r in measured], walls)}")
+        late = median([r.lag[1] * 1000 for r in measured])
+        p99 = median([r.lag[0] * 1000 for r in measured])
+        print(
+            f"(a) the worker's event loop woke a 20 ms sleeper up to {late:.0f} ms late "
+            f"(p99 {p99:.0f} ms)"
+        )
     naive = results["c"]
     if naive and medians["c"] > 20:
         print(f"(c) ran {len(naive)} time(s) only (--naive-runs): slow by design, >20 s per run")
