@@ -76,6 +76,8 @@ TOGETHER_PATCH = "venue-and-restore-together"
 """Runs recorded before replay their sequential unwind (and two kills under ``auto``)."""
 LOCATE_PATCH = "safe-stop-without-plan"
 """Runs recorded before: a safe stop whose plan had failed did nothing at all."""
+DEAD_MAN_PATCH = "rollback-kill-without-dead-man"
+"""Runs recorded before armed the venue's dead-man switch in every child kill."""
 
 
 def _system(plan: RollbackPlan) -> SystemLocation:
@@ -338,9 +340,16 @@ class RollbackWorkflow:
         request: RollbackInput,
         scope: KillScope,
         step: RollbackStep,
+        *,
+        sender_stopped: bool = True,
     ) -> KillReport:
-        """The kill switch as a child: one implementation of cancel/flatten and their checks."""
+        """The kill switch as a child: one implementation of cancel/flatten and their checks.
+
+        Once the saga has stopped the strategy (the only sender), the venue's dead-man switch
+        guards nothing: arming it costs a countdown call per symbol (weight 10 each, most of
+        the minute's budget on a wide book) that the cancels and flattens need."""
         info = workflow.info()
+        dead_man = not (sender_stopped and workflow.patched(DEAD_MAN_PATCH))
         kill = await self._run(
             step,
             workflow.execute_child_workflow(
@@ -350,6 +359,7 @@ class RollbackWorkflow:
                     scope=scope,
                     reason=f"rollback {system.ref}: {request.reason}",
                     requested_by=request.requested_by,
+                    dead_man=dead_man,
                 ),
                 id=f"{info.workflow_id}/{step.value}",
                 execution_timeout=timedelta(
@@ -487,7 +497,13 @@ class RollbackWorkflow:
             failures.append(f"stop failed too: {failure_message(e)}")
         # Cancelling again is harmless and guarantees "no orders" whatever step failed.
         try:
-            kill = await self._kill(system, request, KillScope.CANCEL_ONLY, RollbackStep.CANCEL_ALL)
+            kill = await self._kill(
+                system,
+                request,
+                KillScope.CANCEL_ONLY,
+                RollbackStep.CANCEL_ALL,
+                sender_stopped=stopped is not None,
+            )
             self._record(kills=[*self._draft.kills, kill])
             cancelled = _cancelled(kill)
         except StepFailed as e:

@@ -38,7 +38,7 @@ from workflows.rollback_models import (
     RollbackStep,
     rollback_workflow_id,
 )
-from workflows.shared import ExitCode, KillOutcome, KillScope, StepState
+from workflows.shared import DeadManState, ExitCode, KillOutcome, KillScope, StepState
 from workflows.snapshot_models import DatabaseKind, RestoreResult
 
 pytestmark = pytest.mark.timeout(90)
@@ -146,6 +146,8 @@ async def test_rollback_brings_back_the_previous_version_end_to_end(
             p.symbol == unified and p.quantity == HELD_QTY for p in flattened.positions_before
         ), flattened
         assert all(p.symbol != unified for p in flattened.positions_after), flattened
+        # The strategy was stopped before the unwind: no dead-man countdowns to arm (or forget).
+        assert flattened.dead_man is not None and flattened.dead_man.state is DeadManState.OFF
         # Before ACTIVE, database and venue were reconciled (the venue won) and agreed.
         assert report.reconcile is not None and report.reconcile.agreed, report.reconcile
         assert HELD not in report.reconcile.positions
@@ -237,6 +239,8 @@ async def test_a_rollback_whose_plan_fails_still_halts_stops_and_cancels(
         assert stop.halted is not None and stop.halted.endswith("-> HALTED"), stop
         assert stop.stopped_versions == [FAULTY], stop
         assert stop.orders_cancelled is not None, stop
+        (cancel,) = [a for k in report.kills for a in k.accounts]
+        assert cancel.dead_man is not None and cancel.dead_man.state is DeadManState.OFF, cancel
         assert run.code == ExitCode.UNVERIFIED, run.err
         assert "None" not in run.out, run.out
         last = run.out.strip().splitlines()[-1]
