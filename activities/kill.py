@@ -105,8 +105,9 @@ class KillActivities:
         try:
             if symbols is None:
                 # Plain orders only: the conditional listing failing must not stop the arming.
-                orders = await venue.plain_open_orders(join_in_flight=True)
-                symbols = sorted({o.symbol for o in orders})
+                # Symbols only: parsing every order would hold the event loop the cancels share.
+                rows = await venue.open_order_rows(False, join_in_flight=True)
+                symbols = sorted(venue.symbols_of(rows))
             failed = await self._countdowns(venue, symbols, seconds)
         except VenueError as e:
             raise as_application_error(e, request.account) from None

@@ -94,11 +94,14 @@ class CancelSweep:
 
         async def read(book: Book) -> bool:
             try:
-                if book:
-                    orders = await self.venue.conditional_open_orders()
-                else:
-                    # The first look may share the halt's read, started at the same moment.
-                    orders = await self.venue.plain_open_orders(join_in_flight=first)
+                # The first look may share the halt's read, started at the same moment.
+                rows = await self.venue.open_order_rows(book, join_in_flight=first and not book)
+                listed = self.venue.symbols_of(rows)
+                # The cancels leave before the CPU goes into parsing the orders.
+                fired = [self._cancel(symbol, book) for symbol in sorted(listed)]
+                cancels.extend(fired)
+                await asyncio.gather(*fired)
+                orders = self.venue.parse_open_orders(rows, conditional=book)
             except VenueError as e:
                 if isinstance(e, AuthFailed):
                     raise
@@ -114,12 +117,10 @@ class CancelSweep:
             self.failures.pop((None, book, "list"), None)
             self.last[book] = orders
             self.seen.update((o.id, o) for o in orders)
-            listed = {o.symbol for o in orders}
             # A listing that shows a symbol empty settles any earlier failure on it.
             for key in [k for k in self.failures if k[1] == book and k[0] not in listed]:
                 if key[0] is not None:
                     del self.failures[key]
-            cancels.extend(self._cancel(symbol, book) for symbol in sorted(listed))
             return True
 
         # A book already seen empty is not listed again (a symbol-less listing weighs 40): the

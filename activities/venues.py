@@ -100,7 +100,7 @@ class VenueSession:
         )
         self._session = session
         self._markets_loaded = asyncio.Lock()
-        self._plain_read: asyncio.Task[list[OpenOrder]] | None = None
+        self._plain_read: asyncio.Task[list[dict[str, Any]]] | None = None
         self._armed: dict[str, tuple[float, int]] = {}
         """symbol -> (monotonic time, seconds) of the last countdown the venue accepted from us."""
 
@@ -170,31 +170,62 @@ class VenueSession:
         return plain + conditional
 
     async def plain_open_orders(self, join_in_flight: bool = False) -> list[OpenOrder]:
-        """Open plain (non-conditional) orders of the whole account.
-
-        ``join_in_flight`` shares an account-wide read already on its way (the halt and the
-        cancel-all of one kill start together): one request, weight 40, instead of two. Never
-        for a re-query, which must start after the cancels it checks.
-        """
-        await self.ensure_markets()
-        task = self._plain_read
-        if not join_in_flight or task is None or task.done():
-            task = asyncio.get_running_loop().create_task(self._read_plain())
-            # Retrieve the outcome even if every waiter was cancelled (no "never retrieved").
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-            self._plain_read = task
-        return list(await asyncio.shield(task))
-
-    async def _read_plain(self) -> list[OpenOrder]:
-        return [self._order(o) for o in await self.call(self.exchange.fetch_open_orders)]
+        """Open plain (non-conditional) orders of the whole account."""
+        return self.parse_open_orders(await self.open_order_rows(False, join_in_flight))
 
     async def conditional_open_orders(self) -> list[OpenOrder]:
         """Open conditional (algo: stop/take-profit) orders; spot has no such book here."""
         if self.is_spot:
             return []
+        return self.parse_open_orders(await self.open_order_rows(True), conditional=True)
+
+    async def open_order_rows(
+        self, conditional: bool, join_in_flight: bool = False
+    ) -> list[dict[str, Any]]:
+        """One account-wide listing of a book, as the venue's raw rows.
+
+        Raw, because ccxt's order parser costs ~0.5 ms per order: 500 open orders are 250 ms
+        of CPU before the first cancel could go out. :meth:`symbols_of` names the symbols to
+        cancel at once; :meth:`parse_open_orders` makes the models afterwards.
+        ``join_in_flight`` (plain book) shares an account-wide read already on its way (the
+        halt and the cancel-all of one kill start together): one request, weight 40, instead
+        of two. Never for a re-query, which must start after the cancels it checks.
+        """
         await self.ensure_markets()
-        raw = await self.call(self.exchange.fetch_open_orders, None, None, None, {"trigger": True})
-        return [self._order(o, True) for o in raw]
+        if conditional:
+            return await self._read_rows(True)
+        task = self._plain_read
+        if not join_in_flight or task is None or task.done():
+            task = asyncio.get_running_loop().create_task(self._read_rows(False))
+            # Retrieve the outcome even if every waiter was cancelled (no "never retrieved").
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._plain_read = task
+        return list(await asyncio.shield(task))
+
+    async def _read_rows(self, conditional: bool) -> list[dict[str, Any]]:
+        # The endpoints ccxt's fetch_open_orders picks for these two account kinds.
+        if self.is_spot:
+            fetch = self.exchange.privateGetOpenOrders
+        elif conditional:
+            fetch = self.exchange.fapiPrivateGetOpenAlgoOrders
+        else:
+            fetch = self.exchange.fapiPrivateGetOpenOrders
+        rows = await self.call(fetch, {})
+        return list(rows) if isinstance(rows, list) else []
+
+    def symbols_of(self, rows: list[dict[str, Any]]) -> set[str]:
+        """Unified symbols of raw order rows, resolved as ccxt's parser resolves them."""
+        kind = "spot" if self.is_spot else "contract"
+        return {self.exchange.safe_symbol(r.get("symbol"), None, None, kind) for r in rows}
+
+    def parse_open_orders(
+        self, rows: list[dict[str, Any]], conditional: bool = False
+    ) -> list[OpenOrder]:
+        try:
+            parsed = self.exchange.parse_orders(rows)
+        except ccxt.BaseError as e:
+            raise translate(e, *self._secrets) from None
+        return [self._order(o, conditional) for o in parsed]
 
     async def positions(self) -> list[Position]:
         """Non-zero positions, fresh from the venue (spot: sellable base-asset balances)."""

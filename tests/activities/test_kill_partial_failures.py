@@ -139,10 +139,15 @@ async def test_plain_cancels_do_not_wait_for_the_conditional_listing(
     )
     since = time.time()
     try:
-        cancel = await env.run(acts.cancel_all, CancelAllRequest(account=account.futures))
+        # The halt starts beside it, as in the kill: it shares the first listing.
+        halt, cancel = await asyncio.gather(
+            ActivityEnvironment().run(acts.halt, HaltRequest(account=account.futures)),
+            env.run(acts.cancel_all, CancelAllRequest(account=account.futures)),
+        )
     finally:
         await acts.gateway.close()
     assert cancel.still_open == [] and cancel.complete
+    assert len(halt.symbols_armed) == 3
     log = await rig.admin.requests(since=since, api_key=account.api_key)
     first_read = next(r for r in log if r.path == "/fapi/v1/openOrders")
     cancels = [r for r in log if r.method == "DELETE" and r.path == "/fapi/v1/allOpenOrders"]
@@ -150,6 +155,10 @@ async def test_plain_cancels_do_not_wait_for_the_conditional_listing(
     # The first cancel arrives one round trip after the plain listing answered, long before the
     # slow conditional listing does.
     assert cancels[0].arrived - first_read.answered < 0.5, (first_read, cancels[0])
+    before_first_cancel = [r for r in log if r.arrived < cancels[0].arrived]
+    assert [r.path for r in before_first_cancel if r.path == "/fapi/v1/openOrders"] == [
+        "/fapi/v1/openOrders"
+    ], "the halt and the cancel-all read the open orders once between them"
 
 
 # ------------------------------------------------------------------ defect 13: dead-man per symbol
