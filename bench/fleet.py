@@ -25,7 +25,10 @@ import io
 import os
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+
+from temporalio.api.enums.v1 import EventType, TimeoutType
 
 from activities.venues import BUDGET_SHARE, VENUE_WEIGHT_BUDGETS
 from bench.common import (
@@ -40,7 +43,7 @@ from bench.common import (
 from bench.first_cancel import first_cancels_per_key
 from tests.fixtures.venues import SandboxAccount
 from worker.cli_kill import _start as cli_start_kill
-from workflows.shared import KillOutcome, KillReport, KillSwitchInput
+from workflows.shared import KillOutcome, KillReport, KillSwitchInput, kill_workflow_id
 
 FLEET_BOOK = {"symbols": 5, "open_orders": 20, "positions": 2, "spot_orders_fraction": 0.0}
 """Per account (seed() splits totals over the accounts it is given)."""
@@ -66,6 +69,8 @@ class FleetRun:
     """This process's event loop: (p99, max) lateness of a 20 ms sleeper during the run."""
     failed_attempts: dict[str, int] = field(default_factory=dict)
     """Activity attempts that raised (timed out, cancelled, failed) and were retried."""
+    retried: dict[str, int] = field(default_factory=dict)
+    """Why, per the histories (the last retried attempt's failure per activity)."""
     steps: dict[str, float] = field(default_factory=dict)
     """Median per kill: seconds in each activity type, and idle between them (``idle``)."""
 
@@ -132,6 +137,7 @@ async def kill_each(stack: Stack, accounts: list[SandboxAccount], label: str) ->
         cpu=cpu,
         lag=lag,
         failed_attempts=dict(stack.clock.failed),
+        retried=await retried_why(stack, names),
         steps=per_kill_steps(stack.clock.marks, go),
     )
     if stats.count_418:
@@ -147,6 +153,37 @@ async def kill_each(stack: Stack, accounts: list[SandboxAccount], label: str) ->
     if not run.ok:
         shout(f"{label}: {run.verified}/{run.kills} verified, {run.problem}, {run.errors[:2]}")
     return run
+
+
+async def retried_why(stack: Stack, names: list[str]) -> dict[str, int]:
+    """Why activities needed another attempt, from the kills' histories: each started attempt
+    after the first carries the previous attempt's failure (a timeout says which one; other
+    failures are encoded by the worker's converter and counted as "failed")."""
+    why: Counter[str] = Counter()
+    for name in names:
+        handle = stack.temporal.client.get_workflow_handle(kill_workflow_id([name]))
+        events = (await handle.fetch_history()).events
+        kinds = {
+            e.event_id: e.activity_task_scheduled_event_attributes.activity_type.name
+            for e in events
+            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        }
+        for e in events:
+            if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
+                why["workflow task timed out"] += 1
+            if e.event_type != EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+                continue
+            started = e.activity_task_started_event_attributes
+            if started.attempt <= 1:
+                continue
+            failure = started.last_failure
+            if failure.HasField("timeout_failure_info"):
+                cause = TimeoutType.Name(failure.timeout_failure_info.timeout_type)
+                cause = cause.removeprefix("TIMEOUT_TYPE_").lower().replace("_", "-") + " timeout"
+            else:
+                cause = "failed"
+            why[f"{kinds.get(started.scheduled_event_id, '?')} {cause}"] += started.attempt - 1
+    return dict(why)
 
 
 def per_kill_steps(marks: list[tuple[str, str, float, float]], go: float) -> dict[str, float]:
@@ -240,6 +277,8 @@ def report_fleet(result: FleetResult) -> str:
     )
     failed = ", ".join(f"{k} {v}" for k, v in sorted(many.failed_attempts.items())) or "none"
     print(f"K100: activity attempts that raised and were retried (timeouts too): {failed}")
+    why = ", ".join(f"{k} {v}" for k, v in sorted(many.retried.items())) or "none"
+    print(f"K100: retries per the histories, by the failure before the last attempt: {why}")
     for label, run in (("one kill", result.one[-1]), (f"{many.kills} kills", many)):
         print(
             f"K100: {label}: the worker's event loop woke a 20 ms sleeper up to "
