@@ -43,12 +43,14 @@ async def new_worker(
 async def assert_eventually(
     fn: Callable[[], T | Awaitable[T]],
     *,
-    timeout: float = 10.0,  # noqa: ASYNC109 - a deadline for polling, not for one await
+    timeout: float = 60.0,  # noqa: ASYNC109 - a deadline for polling, not for one await
     interval: float = 0.05,
     retry_on: tuple[type[BaseException], ...] = (),
 ) -> T:
     """Call ``fn`` (sync or async) until it neither raises ``AssertionError`` nor returns a falsy
     value; return its result. After ``timeout`` seconds the last assertion error is raised.
+    The default is generous on purpose: it returns as soon as the condition holds, and only a
+    failing test waits it out, so a busy machine never fails a test that would pass.
 
     ``retry_on``: exceptions that also mean "not yet" (e.g. ``aiohttp.ClientError`` and
     ``TimeoutError`` while a process starts: on a busy machine one probe may time out). Pick a

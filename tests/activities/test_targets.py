@@ -84,7 +84,7 @@ async def rig(
 PROBE_S = 5.0
 """One /healthz request's timeout: the strategy answers from its event loop, which a busy
 machine can hold up for more than a second (callers poll with ``assert_eventually``)."""
-START_S = 60.0
+START_S = 180.0
 """Until a started strategy answers healthy: seconds on a busy machine; only a failure waits."""
 
 

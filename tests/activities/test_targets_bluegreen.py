@@ -41,7 +41,7 @@ from workflows.deploy_models import (
 from workflows.rollback_models import RollbackInput
 from workflows.snapshot_models import DatabaseKind, SnapshotRecord
 
-START_S = 60.0
+START_S = 180.0
 """Generous: a strategy imports ccxt and reaches the sandbox before it is healthy (seconds on a
 busy machine); only a failing test waits this long."""
 PROBE_S = 5.0

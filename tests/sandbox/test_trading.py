@@ -176,7 +176,7 @@ async def test_countdown_cancel_all_fires(
         assert [o.symbol for o in state.open_orders] == ["ETHUSDT"]
         assert state.countdowns == []
 
-    await assert_eventually(only_eth_left, timeout=5)
+    await assert_eventually(only_eth_left, timeout=60)  # the 300 ms countdown, polled
 
 
 async def test_conditional_orders_use_algo_endpoints(

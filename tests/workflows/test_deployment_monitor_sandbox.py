@@ -26,7 +26,7 @@ from workflows.deployment_models import DeployOutcome, DeployReport, Stage
 from workflows.rollback_models import ApprovalDecision
 from workflows.shared import StepState
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)  # a hang detector: a busy machine takes its time
 
 LATE = "2.2.0"
 FAULT_AFTER_S = 18.0

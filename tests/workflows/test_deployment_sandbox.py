@@ -28,7 +28,7 @@ from workflows.rollback import RollbackWorkflow
 from workflows.rollback_models import ApprovalDecision, RollbackOutcome
 from workflows.shared import StepState
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)  # a hang detector: a busy machine takes its time
 
 NEW, SLOW = "2.0.0", "2.1.0"
 DEPLOY = """\
@@ -136,9 +136,9 @@ async def assert_rolled_back_to_good(
     # 1.0.0 runs alone again, on the restored database (no lease row: it sends alone).
     assert await s.target.running_versions() == [GOOD]
     assert await s.target.current() == GOOD
-    await healthy(s.target, GOOD)
+    await assert_eventually(lambda: healthy(s.target, GOOD))
     assert lease.read_lease(s.strategy_db, s.account.futures) is None
-    await assert_eventually(lambda: quoting(sandbox_admin, s, GOOD), timeout=10)
+    await assert_eventually(lambda: quoting(sandbox_admin, s, GOOD))
     after = await sandbox_admin.state(s.api_key)
     prefix = prefix_of(s)
     tag = f"{prefix}-{version_tag(bad)}-"
@@ -190,10 +190,10 @@ async def test_a_good_release_is_promoted_and_alone_holds_the_lease(
         # Only the new version runs, it holds the lease at full capital, and it trades.
         assert await s.target.running_versions() == [NEW]
         assert await s.target.current() == NEW
-        await healthy(s.target, NEW)
+        await assert_eventually(lambda: healthy(s.target, NEW))
         held = lease.read_lease(s.strategy_db, s.account.futures)
         assert held is not None and held.holder == NEW and held.mode is lease.LeaseMode.ACTIVE
-        await assert_eventually(lambda: quoting(sandbox_admin, s, NEW), timeout=10)
+        await assert_eventually(lambda: quoting(sandbox_admin, s, NEW))
 
         found = spans(await sandbox_admin.state(s.api_key), prefix_of(s))
         assert {x.version for x in found} == {GOOD, NEW}

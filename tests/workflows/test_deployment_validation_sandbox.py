@@ -22,12 +22,13 @@ from sandbox.strategy.releases import build_release
 from tests.fixtures.rollback import GOOD, SYMBOL, RollbackScenario, Scenarios, healthy
 from tests.fixtures.sandbox import SandboxHandle
 from tests.fixtures.venues import SandboxAccount, accounts_yaml
+from tests.helpers import assert_eventually
 from tests.sandbox.test_strategy import strategy_config
 from tests.workflows.test_deployment_sandbox import DEPLOY, deploy, prefix_of, quoting, stages
 from workflows.deployment_models import DeployOutcome, DeployReport, Stage
 from workflows.shared import StepState
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)  # a hang detector: a busy machine takes its time
 
 BIG = "2.2.0"
 
@@ -119,8 +120,8 @@ async def test_a_faulty_release_is_rejected_in_staging_before_prod(
             # Nothing reached prod: 1.0.0 runs alone, current, and alone trades the account.
             view = await s.target.versions()
             assert (view.current, view.running, view.candidate) == (GOOD, [GOOD], None), view
-            await healthy(s.target, GOOD)
-            await quoting(sandbox_admin, s, GOOD)
+            await assert_eventually(lambda: healthy(s.target, GOOD))
+            await assert_eventually(lambda: quoting(sandbox_admin, s, GOOD))
             big = f"{prefix_of(s)}-{version_tag(BIG)}-"
             prod = await sandbox_admin.state(s.api_key)
             assert not [o for o in prod.orders if o.client_order_id.startswith(big)]

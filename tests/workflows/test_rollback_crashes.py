@@ -223,9 +223,11 @@ ROLLBACK_ACTIVITIES = (
 """Every activity type a rollback runs: the crash matrix kills the worker in each of them."""
 READ_ONLY = {"plan_rollback", "snapshot_venue_state", "check_health", "notify"}
 """No effect outside the worker to cut in the middle of: their "middle" is their end."""
-MAYBE_NOTHING_TO_DO = {"reconcile_state_db"}
-"""Writes only what differs: the restarted 1.0.0 (HALTED) reconciles its own rows from the venue
-every loop, and may have done so before the step runs."""
+MAYBE_NOTHING_TO_DO = {"reconcile_state_db", "halt_account"}
+"""reconcile_state_db writes only what differs: the restarted 1.0.0 (HALTED) reconciles its own
+rows from the venue every loop, and may have done so before the step runs. halt_account arms
+the symbols that still have orders, beside the cancels: when they got there first (or a
+countdown it armed is still running) there is nothing to arm."""
 RESTING = ("SOLUSDT", "BNBUSDT")
 """Symbols the strategy never quotes: orders resting there are for the kill switch to cancel
 (and to arm its dead-man switch on), so halt_account and cancel_all have effects to cut."""
