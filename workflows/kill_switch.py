@@ -420,6 +420,10 @@ class KillSwitchWorkflow:
         # dispatch reserves slots in that order); the positions look and the dead-man switch go
         # out beside them, never in front.
         first_cancel = {a: self._start_cancel(runs[a], kill) for a in kill.accounts}
+        if kill.dead_man:
+            # Next the dead-man switch, while the cancels' first listing may still be in flight.
+            for a in kill.accounts:
+                runs[a].halt = asyncio.ensure_future(self._halt(runs[a], self._start_halt(runs[a])))
         for a in kill.accounts:
             runs[a].start_look = workflow.start_activity(
                 "snapshot_venue_state",
@@ -428,9 +432,6 @@ class KillSwitchWorkflow:
                 start_to_close_timeout=timedelta(seconds=20),
                 retry_policy=LOOK_RETRY,
             )
-        if kill.dead_man:
-            for a in kill.accounts:
-                runs[a].halt = asyncio.ensure_future(self._halt(runs[a]))
 
         while True:
             # Every account runs its own chain: a slow or broken venue never holds back the
@@ -647,18 +648,21 @@ class KillSwitchWorkflow:
 
     # ------------------------------------------------------------------ dead-man switch
 
-    async def _halt(self, run: _AccountRun) -> None:
+    def _start_halt(self, run: _AccountRun) -> Any:
+        run.enter(Step.HALT)
+        return workflow.start_activity(
+            "halt_account",
+            HaltRequest(account=run.account),
+            result_type=HaltResult,
+            start_to_close_timeout=timedelta(seconds=20),
+            retry_policy=HALT_RETRY,
+        )
+
+    async def _halt(self, run: _AccountRun, handle: Awaitable[HaltResult]) -> None:
         """Arm the venue's dead-man switch beside the first cancel: if this worker dies mid-kill,
         the venue still cancels when the timer runs out. It never fails the kill."""
-        run.enter(Step.HALT)
         try:
-            result: HaltResult = await workflow.execute_activity(
-                "halt_account",
-                HaltRequest(account=run.account),
-                result_type=HaltResult,
-                start_to_close_timeout=timedelta(seconds=20),
-                retry_policy=HALT_RETRY,
-            )
+            result = await handle
         except (ActivityError, ApplicationError) as e:
             message = _error_text(e)
             run.errors.append(f"halt: {message}")

@@ -25,11 +25,14 @@ from tests.fixtures.venues import (
     Rig,
     assert_flat,
     assert_no_order_sent_twice,
+    is_dust,
 )
 from tests.helpers import assert_eventually, fresh_id, new_worker
 from worker.main import WORKFLOWS, activities_for
 from workflows.kill_switch import KillSwitchWorkflow
 from workflows.shared import (
+    AccountState,
+    DeadManState,
     KillOutcome,
     KillReport,
     KillSwitchInput,
@@ -94,7 +97,29 @@ async def test_kill_through_temporal_leaves_every_account_flat(
     assert sum(a.orders_still_open for a in report.accounts) == 0
     futures = [a for a in report.accounts if a.account.endswith("-futures")]
     assert sum(len(a.positions_before) for a in futures) == positions_before > 0
-    assert all(a.dead_man_symbols > 0 for a in futures)
+    assert all(a.state is AccountState.VERIFIED for a in report.accounts)
+    # The halt runs beside the first cancel: it arms what it still finds open (possibly nothing,
+    # when the cancel was first), and the report says exactly what the venue accepted.
+    countdown_calls = {
+        r.api_key: 0
+        for r in await rig.admin.requests(since=0)
+        if r.path.endswith("countdownCancelAll")
+    }
+    for r in await rig.admin.requests(since=0):
+        if r.path.endswith("countdownCancelAll") and r.status == 200:
+            countdown_calls[r.api_key] += 1
+    keys = {account.futures: account.api_key for account in rig.accounts}
+    for a in futures:
+        dead_man = a.dead_man
+        assert dead_man is not None and dead_man.failed == {}, dead_man
+        assert dead_man.state is (DeadManState.ARMED if dead_man.armed else DeadManState.NOT_ARMED)
+        assert sorted(dead_man.released) == sorted(dead_man.armed), dead_man
+        assert a.dead_man_symbols == len(dead_man.armed)
+        calls = countdown_calls.get(keys[a.account], 0)
+        assert calls == len(dead_man.armed) + len(dead_man.released), (calls, dead_man)
+    left = [s.countdowns for s in await rig.states() if s.countdowns]
+    assert not left, f"a dead-man timer left armed: {left}"
+    assert report.requested_at is not None and report.queue_wait_s is not None
     assert report.time_to_flat_s is not None and report.time_to_flat_s > 0
     assert {s.step: s.state for s in report.steps} == {
         "halt": StepState.DONE,
@@ -143,6 +168,60 @@ async def test_a_second_kill_of_the_same_accounts_joins_the_running_one(
     assert reports[0] == reports[1]
     assert reports[0].outcome is KillOutcome.VERIFIED
     await assert_flat(rig)
+
+
+async def test_a_failing_conditional_book_does_not_block_the_account(
+    client: Client, make_rig: MakeRig
+) -> None:
+    """Only the conditional-order listing answers 400: the plain orders are still cancelled, the
+    position flattened and the dead-man armed, at once; the report names the failed book."""
+    rig = await make_rig(n=1)
+    await rig.seed(symbols=3, open_orders=12, positions=2, seed=11)
+    await add_conditional_orders(rig)
+    account = rig.accounts[0]
+    await rig.admin.add_faults(
+        [
+            FaultRule(
+                kind="http_error",
+                match="GET /fapi/v1/openAlgoOrders",
+                status=400,
+                api_key=account.api_key,
+            )
+        ]
+    )
+    gateway = rig.gateway()
+    try:
+        async with new_worker(client, *WORKFLOWS, activities=activities_for(gateway, [])) as worker:
+            handle = await client.start_workflow(
+                KillSwitchWorkflow.run,
+                kill_input(rig, spot=False),
+                id=fresh_id("kill"),
+                task_queue=worker.task_queue,
+            )
+            report = await asyncio.wait_for(handle.result(), timeout=90)
+    finally:
+        await rig.admin.clear_faults()
+        await gateway.close()
+
+    state = await rig.admin.state(account.api_key)
+    assert [o for o in state.open_orders if o.venue == "futures"] == []
+    await assert_flat_positions(rig)
+    futures = report.accounts[0]
+    assert futures.failures and all(f.conditional for f in futures.failures), futures.failures
+    assert futures.dead_man is not None and futures.dead_man.armed, futures.dead_man
+    assert futures.positions_before and futures.flatten_orders
+    # The conditional book could not be read: the account is not verified, and says why.
+    assert futures.state is AccountState.UNVERIFIED
+    assert futures.gave_up and "conditional" in futures.gave_up
+    assert report.outcome is KillOutcome.UNVERIFIED
+
+
+async def assert_flat_positions(rig: Rig) -> None:
+    prices = (await rig.admin.prices()).prices
+    for state in await rig.states():
+        for p in state.positions:
+            assert not p.flipped, p
+            assert p.qty == 0 or is_dust(p.symbol, p.qty, prices[p.symbol], spot=False), p
 
 
 # --------------------------------------------------------------------------- crash recovery
