@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 import typer
+from rich.console import Group, RenderableType
 from rich.live import Live
 from temporalio.client import (
     Client,
@@ -38,8 +39,16 @@ from worker.cli_common import (
 )
 from worker.cli_deploy import deploy_status
 from worker.cli_rollback import rollback_status
-from worker.cli_start import Start, launch, query_or_none, start, validated, watch
-from worker.render import report_view, steps_table
+from worker.cli_start import (
+    Start,
+    WorkerWatch,
+    launch,
+    query_or_none,
+    start,
+    validated,
+    watch,
+)
+from worker.render import accounts_progress, report_view, steps_table
 from worker.settings import Settings
 from workflows.kill_switch import KillSwitchWorkflow
 from workflows.shared import (
@@ -234,10 +243,15 @@ async def _watch(handle: WorkflowHandle, as_json: bool) -> KillReport:
     with Live(console=console, refresh_per_second=8) as live:
 
         def table(status: KillStatus) -> None:
-            live.update(steps_table(status.steps, title=f"{handle.id} · round {status.round}"))
+            live.update(_progress(status, title=f"{handle.id} · round {status.round}"))
 
         report = await watch(handle, KillSwitchWorkflow.status, table, POLL_S)
     return report
+
+
+def _progress(status: KillStatus, title: str) -> RenderableType:
+    steps = steps_table(status.steps, title=title)
+    return Group(steps, accounts_progress(status.accounts)) if status.accounts else steps
 
 
 def _emit(report: KillReport, as_json: bool, joined: list[Joined] | None = None) -> ExitCode:
@@ -297,6 +311,39 @@ def kill(
     raise typer.Exit(int(run_async(go)))
 
 
+async def _status(client: Client, workflow_id: str, as_json: bool) -> ExitCode:
+    handle = client.get_workflow_handle(workflow_id, result_type=KillReport)
+    try:
+        description = await handle.describe()
+    except RPCError as e:
+        if e.status == RPCStatusCode.NOT_FOUND:
+            abort(f"no workflow {workflow_id!r}", ExitCode.NOT_FOUND)
+        raise
+    state = description.status or WorkflowExecutionStatus.RUNNING
+    if description.workflow_type == "Rollback":
+        return await rollback_status(client, workflow_id, state, as_json)
+    if description.workflow_type == "Deploy":
+        return await deploy_status(client, workflow_id, state, as_json)
+    if state == WorkflowExecutionStatus.COMPLETED:
+        return _emit(await handle.result(), as_json)
+    if state == WorkflowExecutionStatus.RUNNING:
+        # Before the query (which needs a worker): say at once when no worker is on it.
+        await WorkerWatch(client, workflow_id, description.task_queue, "kill").check()
+    status = await _query(handle)
+    if as_json:
+        body = {"workflow_id": workflow_id, "status": state.name}
+        if status:
+            body["progress"] = json.loads(status.model_dump_json())
+        print(json.dumps(body, indent=2))
+    else:
+        console.print(f"{workflow_id}: {state.name.lower()}", markup=False)
+        if status:
+            console.print(_progress(status, title=f"round {status.round}"))
+    if state == WorkflowExecutionStatus.RUNNING:
+        return ExitCode.OK
+    return ExitCode.WORKFLOW_FAILED
+
+
 def status(
     workflow_id: str = typer.Argument(
         ..., help="Workflow id, e.g. kill/alpha-futures, rollback/S/E, deploy/S/E."
@@ -309,32 +356,13 @@ def status(
 
     async def go() -> ExitCode:
         client = await connect_or_abort(settings)
-        handle = client.get_workflow_handle(workflow_id, result_type=KillReport)
         try:
-            description = await handle.describe()
+            return await _status(client, workflow_id, as_json)
         except RPCError as e:
-            if e.status == RPCStatusCode.NOT_FOUND:
-                abort(f"no workflow {workflow_id!r}", ExitCode.NOT_FOUND)
-            raise
-        state = description.status or WorkflowExecutionStatus.RUNNING
-        if description.workflow_type == "Rollback":
-            return await rollback_status(client, workflow_id, state, as_json)
-        if description.workflow_type == "Deploy":
-            return await deploy_status(client, workflow_id, state, as_json)
-        if state == WorkflowExecutionStatus.COMPLETED:
-            return _emit(await handle.result(), as_json)
-        status = await _query(handle)
-        if as_json:
-            body = {"workflow_id": workflow_id, "status": state.name}
-            if status:
-                body["progress"] = json.loads(status.model_dump_json())
-            print(json.dumps(body, indent=2))
-        else:
-            console.print(f"{workflow_id}: {state.name.lower()}")
-            if status:
-                console.print(steps_table(status.steps, title=f"round {status.round}"))
-        if state == WorkflowExecutionStatus.RUNNING:
-            return ExitCode.OK
-        return ExitCode.WORKFLOW_FAILED
+            abort(
+                f"lost contact with Temporal at {settings.temporal_address} "
+                f"({e.status.name if e.status else 'error'}: {e.message}) reading {workflow_id}",
+                ExitCode.UNREACHABLE,
+            )
 
     raise typer.Exit(int(run_async(go())))

@@ -23,6 +23,7 @@ from workflows.shared import (
     KillOutcome,
     KillReport,
     Position,
+    Step,
     StepState,
     StepStatus,
 )
@@ -65,6 +66,40 @@ _DEAD_MAN_STYLE = {
     DeadManState.UNSUPPORTED: "dim",
     DeadManState.OFF: "dim",
 }
+
+
+def _step_cell(status: StepStatus | None) -> Text:
+    if status is None:
+        return Text("-", style="dim")
+    partial = status.state is StepState.DONE and status.detail.startswith("partial")
+    if partial:
+        return Text("partial", style="bold yellow")
+    return Text(status.state.value, style=_STATE_STYLE[status.state])
+
+
+def accounts_progress(accounts: list[AccountReport]) -> Table:
+    """Live per-account progress: each account's own steps (failed/partial shown as such) and
+    what the venue showed so far (unknown until read)."""
+    table = Table(title="accounts", title_justify="left", expand=False)
+    steps = [Step.HALT, Step.CANCEL_ALL, Step.FLATTEN, Step.VERIFY]
+    for column in ("account", *(s.value for s in steps), "cancelled", "positions", "state"):
+        table.add_column(column)
+    for a in accounts:
+        own = {s.step: s for s in a.steps}
+        busy = any(s.state in (StepState.RUNNING, StepState.PENDING) for s in a.steps)
+        state = (
+            Text("running", style="yellow")
+            if busy
+            else Text(a.state.value, style=_ACCOUNT_STYLE[a.state])
+        )
+        table.add_row(
+            a.account,
+            *(_step_cell(own.get(step)) for step in steps),
+            _cancelled(a),
+            UNKNOWN if a.positions_before is None else str(len(a.positions_before)),
+            state,
+        )
+    return table
 
 
 def _count(n: int | None) -> str:

@@ -211,6 +211,7 @@ async def test_kill_without_a_worker_warns_and_stays_queued(
     workflow_id = run.out.strip()
     status = await in_process("status", workflow_id, env=env)
     assert status.code == ExitCode.OK and "running" in status.out
+    assert "no worker is polling task queue" in status.err  # status says so too
     await dev_env.client.get_workflow_handle(workflow_id).terminate("test over")
 
 
@@ -323,3 +324,40 @@ async def test_a_kill_that_finished_while_joining_is_started_anew(
         assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
     finally:
         await handle.terminate("test over")
+
+
+# --------------------------------------------------------------------------- no worker
+
+
+async def test_worker_watch_warns_again_while_nobody_works_and_clears_when_picked_up(
+    dev_env: WorkflowEnvironment,
+    make_rig: MakeRig,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rig = await make_rig(n=1, create=True)
+    account = rig.accounts[0].futures
+    task_queue = fresh_id("tq-later")
+    handle = await dev_env.client.start_workflow(
+        KillSwitchWorkflow.run,
+        KillSwitchInput(accounts=[account], reason="nobody yet", requested_by="alice"),
+        id=kill_workflow_id([account]),
+        task_queue=task_queue,
+        result_type=KillReport,
+    )
+    monkeypatch.setattr(cli_start, "REMIND_S", 0.0)
+    watch = cli_start.WorkerWatch(dev_env.client, handle.id, task_queue, "kill")
+    try:
+        await watch.check()
+        await watch.check()
+        warnings = capsys.readouterr().err.splitlines()
+        assert len(warnings) == 2, warnings
+        assert warnings[0].startswith("warning: no worker is polling task queue")
+        assert warnings[1].startswith("warning: still no worker")
+        async with kill_worker(dev_env.client, rig, task_queue=task_queue):
+            await handle.result()
+            await watch.check()
+        assert capsys.readouterr().err.startswith(f"a worker picked up the kill {handle.id}")
+    finally:
+        if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
+            await handle.terminate("test over")

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 from rich.console import Console
 
-from worker.render import report_view
+from worker.render import accounts_progress, report_view
 from workflows.shared import (
     AccountReport,
     AccountState,
@@ -137,3 +137,28 @@ def test_time_to_flat_is_from_the_request_with_the_queue_wait_and_joins() -> Non
     assert "joined by bob (scope flatten): also me" in text
     line = row(text, "alpha-futures")
     assert "verified" in line and "3/3" in line and "1 released" in line, line
+
+
+def test_live_progress_shows_each_accounts_steps_and_unknown_until_read() -> None:
+    running = AccountReport(
+        account="alpha-futures",
+        steps=[
+            StepStatus(step=Step.HALT, state=StepState.DONE, detail="partial: 1 refused"),
+            StepStatus(step=Step.CANCEL_ALL, state=StepState.RUNNING),
+            StepStatus(step=Step.FLATTEN, state=StepState.PENDING),
+        ],
+    )
+    failed = AccountReport(
+        account="beta-futures",
+        state=AccountState.UNKNOWN,
+        steps=[StepStatus(step=Step.HALT, state=StepState.FAILED)],
+    )
+    console = Console(width=240, record=True, color_system=None)
+    console.print(accounts_progress([running, failed]))
+    text = console.export_text()
+    alpha = [c.strip() for c in row(text, "alpha-futures").strip("│ ").split("│")]
+    beta = [c.strip() for c in row(text, "beta-futures").strip("│ ").split("│")]
+    # account, halt, cancel_all, flatten, verify, cancelled, positions, state
+    assert alpha == ["alpha-futures", "partial", "running", "pending", "-", "unknown", "unknown",
+                     "running"]  # fmt: skip
+    assert beta == ["beta-futures", "failed", "-", "-", "-", "unknown", "unknown", "unknown"]
