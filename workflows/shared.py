@@ -401,7 +401,8 @@ class ExitCode(IntEnum):
     BAD_INPUT = 2
     """Bad arguments, unknown account or invalid configuration: nothing was started."""
     UNREACHABLE = 3
-    """Temporal (or another required service) could not be reached: nothing was started."""
+    """Temporal (or another required service) could not be reached: nothing was started; or
+    contact was lost while following a started workflow, which goes on (``breakglass status``)."""
     WORKFLOW_FAILED = 4
     """The workflow failed, was cancelled or terminated."""
     NOT_FOUND = 5
