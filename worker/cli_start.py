@@ -1,7 +1,8 @@
 """The shape every "start a workflow and follow it" command shares (kill, rollback, deploy):
-validate the request, start it under its business-key id (joining or refusing one that runs),
-watch it by polling its status query while awaiting the result, then print the report and turn
-it into an exit code. Also the one way an operator's answer (an update) is sent."""
+validate the request, start it under its business-key id (joining out loud, or refusing, one that
+runs), watch it by polling its status query while awaiting the result and saying when no worker
+does its work, then print the report and turn it into an exit code; a server lost meanwhile is
+one line and UNREACHABLE. Also the one way an operator's answer (an update) is sent."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """The one way every breakglass process connects to Temporal: same data converter (pydantic +
-optional AES-GCM codec + encoded failure attributes), TLS from settings, bounded connect time.
+optional AES-GCM codec + encoded failure attributes), TLS from settings, bounded connect time;
+a quiet SDK runtime for CLI commands; and whether a worker is doing a workflow's work, asked of
+the server (``waiting_work``), so a dead worker is told within seconds.
 """
 
 from __future__ import annotations
