@@ -16,7 +16,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.accounts import ConfigError
-from activities.errors import AuthFailed, RateLimited, VenueError
+from activities.errors import AuthFailed, OutcomeUnknown, RateLimited, VenueError
 from activities.heartbeat import heartbeating
 from activities.kill_cancel import CancelSweep
 from activities.kill_flatten import (
@@ -137,6 +137,11 @@ class KillActivities:
                     raise
                 except RateLimited as e:
                     return str(e)  # ours or the venue's: backing off is the point
+                except OutcomeUnknown as e:
+                    # Maybe applied: the caller releases failed symbols too (harmless if not).
+                    if attempt == DEAD_MAN_TRIES - 1:
+                        return f"outcome unknown (may be armed): {e}"
+                    await asyncio.sleep(0.1 * (attempt + 1))
                 except VenueError as e:
                     if not e.retryable or attempt == DEAD_MAN_TRIES - 1:
                         return str(e)
@@ -200,19 +205,23 @@ class KillActivities:
                 await run.find_unknown()
         except VenueError as e:
             raise as_application_error(e, request.account) from None
+        left_dust = [
+            p
+            for p in after
+            if (p.symbol, p.position_side) in dust or self._closable(venue, p) is None
+        ]
         return FlattenResult(
             account=request.account,
             positions_before=before,
             positions_after=after,
-            dust=[
-                p
-                for p in after
-                if (p.symbol, p.position_side) in dust or self._closable(venue, p) is None
-            ],
+            dust=left_dust,
             orders=run.orders,
             passes=passes,
             elapsed_s=round(time.monotonic() - started, 4),
-            failures=run.failures(after),
+            failures=run.failures(
+                [p for p in after if p not in left_dust],
+                passes_spent=passes >= MAX_FLATTEN_PASSES,
+            ),
             recovered_orders=sorted(run.recovered.values(), key=lambda o: o.client_order_id),
         )
 

@@ -220,12 +220,14 @@ class FlattenRun:
             if isinstance(answer, FlattenOrder):
                 self.orders.append(answer)
 
-    def failures(self, left: list[Position]) -> list[str]:
-        """Failures that still matter: legs with a position left, and earlier orders that could
-        not be looked up (the audit trail is incomplete)."""
+    def failures(self, left: list[Position], passes_spent: bool) -> list[str]:
+        """Failures that still matter: legs with a position left (also those the passes ran out
+        on), and earlier orders that could not be looked up (the audit trail is incomplete)."""
         open_legs = {(p.symbol, p.position_side) for p in left}
         out = []
         for leg, state in sorted(self.legs.items(), key=lambda kv: leg_name(kv[0])):
             if state.failure and (leg in open_legs or not state.resolved):
                 out.append(f"{leg_name(leg)}: {state.failure}")
+            elif passes_spent and leg in open_legs and state.stopped is None:
+                out.append(f"{leg_name(leg)}: still open after {MAX_FLATTEN_PASSES} passes")
         return out

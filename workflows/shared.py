@@ -154,7 +154,9 @@ class HaltResult(Model):
     supported: bool = True
     """False where the venue has no dead-man switch (e.g. spot)."""
     symbols_failed: dict[str, str] = {}
-    """Symbol -> why the venue did not arm (or disarm) its countdown."""
+    """Symbol -> why the venue did not arm (or disarm) its countdown. A reason starting
+    "outcome unknown" (a timeout) may still have armed it: release failed symbols too
+    (disarming a symbol with no countdown is harmless)."""
     symbols_released: list[str] = []
     """With ``dead_man_seconds=0``: the symbols whose countdown the venue disarmed."""
 
