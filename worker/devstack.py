@@ -575,7 +575,9 @@ async def _stop(c: Component, grace_s: float = _STOP_TIMEOUT_S) -> bool:
 # --------------------------------------------------------------------------- readiness
 
 
-async def _is_ready(settings: Settings, c: Component) -> bool:
+async def _is_ready(settings: Settings, c: Component, since: float | None = None) -> bool:
+    """Whether ``c`` answers. ``since`` (a time): a worker must have polled since then (it was
+    already running when the server it needs was restarted): its old log line proves nothing."""
     if c.readiness is Readiness.READY_FILE:
         assert c.ready_file is not None
         try:
@@ -607,9 +609,11 @@ async def _is_ready(settings: Settings, c: Component) -> bool:
     except Exception:
         return False
     # A killed worker's pollers stay listed for a while: only count polls since this start.
-    since = _started_at(c) - 1.0
-    if any(p.last_access_time.ToSeconds() >= since for p in resp.pollers):
+    polled_since = _started_at(c) - 1.0 if since is None else since
+    if any(p.last_access_time.ToSeconds() >= polled_since for p in resp.pollers):
         return True
+    if since is not None:
+        return False
     with contextlib.suppress(OSError):
         return (
             "worker started"
@@ -618,7 +622,9 @@ async def _is_ready(settings: Settings, c: Component) -> bool:
     return False
 
 
-async def _wait_ready(settings: Settings, c: Component, pid: int) -> None:
+async def _wait_ready(
+    settings: Settings, c: Component, pid: int, since: float | None = None
+) -> None:
     deadline = time.monotonic() + settings.dev_ready_timeout_s
     while True:
         if not _pid_alive(pid):
@@ -631,7 +637,7 @@ async def _wait_ready(settings: Settings, c: Component, pid: int) -> None:
                 f"{c.name} exited{code} while starting; see {c.log_file}"
                 + (f" (last line: {tail})" if tail else "")
             )
-        if await _is_ready(settings, c):
+        if await _is_ready(settings, c, since):
             return
         if time.monotonic() > deadline:
             raise ComponentFailed(
@@ -714,22 +720,29 @@ async def up(settings: Settings, *, only: Iterable[str] | None = None) -> StackS
     dev_dir(settings).mkdir(parents=True, exist_ok=True)
 
     started: list[Component] = []
+    spawned_at: dict[str, float] = {}
     try:
-        # Components already alive (maybe still starting) are waited for, not restarted.
-        for c in comps:
-            if c.name in running:
-                await _wait_ready(settings, c, running[c.name])
-        # Temporal and the sandbox start side by side; the worker needs Temporal first.
-        first = [c for c in to_start if not c.requires]
-        then = [c for c in to_start if c.requires]
+        # Temporal and the sandbox start side by side; the worker needs Temporal first. What
+        # is alive (maybe still starting) is waited for in its turn, not restarted: a living
+        # worker is only ready once the server it needs is (it was waited on first, while its
+        # dead server was never started, and the up gave up).
+        first = [c for c in comps if not c.requires]
+        then = [c for c in comps if c.requires]
         for batch in (first, then):
-            pids = []
+            waits = []
             for c in batch:
-                pids.append(_spawn(settings, c))
+                if c.name in running:
+                    # Its requirement restarted under it: it must use the new one (a worker
+                    # polling the restarted server), not merely be alive.
+                    restarts = [spawned_at[r] for r in c.requires if r in spawned_at]
+                    since = max(restarts) if restarts else None
+                    waits.append(_wait_ready(settings, c, running[c.name], since))
+                    continue
+                spawned_at[c.name] = time.time()
+                pid = _spawn(settings, c)
                 started.append(c)
-            await asyncio.gather(
-                *(_wait_ready(settings, c, pid) for c, pid in zip(batch, pids, strict=True))
-            )
+                waits.append(_wait_ready(settings, c, pid))
+            await asyncio.gather(*waits)
     except BaseException:
         for c in reversed(started):
             await _stop(c, grace_s=5.0)
@@ -739,8 +752,8 @@ async def up(settings: Settings, *, only: Iterable[str] | None = None) -> StackS
 
 async def down(settings: Settings, *, only: Iterable[str] | None = None) -> StackStatus:
     """Stop components in reverse start order: SIGTERM, then SIGKILL after a timeout. A full
-    ``down`` also stops the supervisord instances deploy targets started under the state dir
-    (they outlive the worker on purpose, so nothing else would stop them)."""
+    ``down`` also stops the supervisord instances (and their strategies) the stack started:
+    they outlive the worker and the demo on purpose, so nothing else would stop them."""
     for c in reversed(_select(settings, only)):
         await _stop(c)
     if only is None:
@@ -748,24 +761,92 @@ async def down(settings: Settings, *, only: Iterable[str] | None = None) -> Stac
     return status(settings)
 
 
+def _proc_text(pid: int, name: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:
+        return b""
+
+
+def _environ(pid: int) -> dict[str, str]:
+    env = {}
+    for item in _proc_text(pid, "environ").split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            env[key.decode(errors="replace")] = value.decode(errors="replace")
+    return env
+
+
+def _all_pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Live descendants of ``pid`` (supervisord's programs and their children)."""
+    parent_of: dict[int, int] = {}
+    for p in _all_pids():
+        stat = _proc_text(p, "stat").decode(errors="replace")
+        with contextlib.suppress(IndexError, ValueError):
+            parent_of[p] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        kids = [p for p, pp in parent_of.items() if pp == parent]
+        found += kids
+        todo += kids
+    return found
+
+
+def _started_by_stack(pid: int, root: Path) -> bool:
+    """Whether the supervisord ``pid`` belongs to the stack under ``root``: its files are
+    there, or the process that started it (the stack's worker, or the demo) ran with
+    ``BREAKGLASS_STATE_DIR`` naming ``root``; a target folder the runbook puts elsewhere (the
+    demo's ``.breakglass/demo/target``, relative to where it runs) is found this way."""
+    argv = _proc_text(pid, "cmdline").split(b"\0")
+    if b"-c" in argv[:-1]:
+        conf = Path(argv[argv.index(b"-c") + 1].decode(errors="replace"))
+        with contextlib.suppress(OSError, ValueError):
+            if conf.is_absolute() and conf.resolve().is_relative_to(root):
+                return True
+    env = _environ(pid)
+    named = env.get("BREAKGLASS_STATE_DIR")
+    if not named:
+        return False
+    # A relative setting was relative to where the starter ran: the shell's PWD, inherited.
+    where = Path(env.get("PWD", "/")) / Path(named).expanduser()
+    with contextlib.suppress(OSError, ValueError):
+        return where.resolve() == root
+    return False
+
+
+def stack_supervisors(root: Path) -> list[int]:
+    """Pids of the running supervisord instances the stack under ``root`` started."""
+    found = []
+    for pid in _all_pids():
+        if pid == os.getpid() or b"supervisord" not in _proc_text(pid, "cmdline"):
+            continue
+        if _started_by_stack(pid, root):
+            found.append(pid)
+    return found
+
+
 def _stop_supervisors(root: Path, timeout_s: float = 15.0) -> None:
-    """SIGTERM every supervisord with a pid file below ``root``; it stops its programs first."""
-    pids = []
-    for pid_file in root.glob("**/supervisord.pid"):
-        with contextlib.suppress(ValueError, OSError):
-            pid = int(pid_file.read_text())
-            # A stale pid file may name a reused pid: only signal a supervisord.
-            if b"supervisord" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGTERM)
-                pids.append(pid)
-    deadline = time.monotonic() + timeout_s
+    """SIGTERM every supervisord the stack started; it stops its programs first (each within
+    its ``stopwaitsecs``). Whatever is left after ``timeout_s``, supervisord or program, is
+    SIGKILLed: ``down`` leaves nothing of the stack running."""
+    pids = stack_supervisors(root)
+    programs = {pid: _descendants(pid) for pid in pids}
     for pid in pids:
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    everything = [p for pid in pids for p in (pid, *programs[pid])]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_pid_alive(p) for p in everything):
+        time.sleep(0.1)
+    for p in everything:
+        if _pid_alive(p):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGKILL)
 
 
 def kill_component(settings: Settings, name: str, sig: int = signal.SIGKILL) -> int | None:

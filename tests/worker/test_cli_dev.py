@@ -11,7 +11,9 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -22,7 +24,9 @@ from worker.cli import app
 from worker.devstack import PROJECT_ROOT, ComponentState
 from worker.settings import Settings
 from worker.temporal_client import connect
-from workflows.shared import ExitCode
+from workflows.rollback import RollbackWorkflow
+from workflows.rollback_models import RollbackInput, RollbackOutcome, RollbackReport
+from workflows.shared import TASK_QUEUE, ExitCode
 
 PORT_VARS = (
     "BREAKGLASS_DEV_TEMPORAL_PORT",
@@ -235,3 +239,97 @@ def test_main_exits_through_os_exit_with_the_code(stack_env: dict[str, str]) -> 
     out = cli({**stack_env, "BREAKGLASS_DEV_TEMPORAL_PORT": "0"}, "dev", "status")
     assert out.returncode == ExitCode.BAD_INPUT
     assert out.stderr.startswith("error: invalid setting BREAKGLASS_DEV_TEMPORAL_PORT")
+
+
+# --------------------------------------------------------------------------- what the stack started
+
+
+def is_below(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def read_pid(path: Path) -> int:
+    return int(path.read_text())
+
+
+def children_of(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (supervisord's programs)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            found.append(int(stat.parent.name))
+    return found
+
+
+async def test_down_stops_the_supervisord_and_strategy_the_stack_started_elsewhere(
+    stack_env: dict[str, str], rollback_scenario: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue's case: with a custom BREAKGLASS_STATE_DIR, ``dev down`` left the demo's
+    supervisord and its strategy running. The demo's runbook keeps its target outside the
+    state dir (``.breakglass/demo/target``, relative to where it runs); what marks that
+    supervisord as the stack's is the process that started it (the demo, or the worker), whose
+    environment names the state dir."""
+    monkeypatch.setenv("BREAKGLASS_STATE_DIR", stack_env["BREAKGLASS_STATE_DIR"])
+    async with rollback_scenario(deploy="  shadow_bake_s: 1\n") as s:
+        assert not is_below(s.target.state_dir, Path(stack_env["BREAKGLASS_STATE_DIR"]))
+        supervisord = read_pid(s.target.state_dir / "supervisord.pid")
+        strategies = children_of(supervisord)
+        assert pid_alive(supervisord) and strategies, "the scenario's strategy runs"
+
+        down = cli(stack_env, "dev", "down")
+        assert down.returncode == ExitCode.OK, down.stderr
+
+        def all_gone() -> None:
+            assert [p for p in [supervisord, *strategies] if pid_alive(p)] == []
+
+        await assert_eventually(all_gone, timeout=30)
+
+
+async def test_up_restarts_a_dead_temporal_under_a_living_worker(
+    stack_env: dict[str, str],
+) -> None:
+    """``dev up`` waited for the living worker to be ready before starting the dead server it
+    needs, and gave up. Now the server comes back on the same SQLite file and the worker,
+    still the same process, polls it again and runs workflows."""
+    settings = settings_of(stack_env)
+    first = cli(stack_env, "dev", "up", "-c", "worker", "--json")
+    assert first.returncode == ExitCode.OK, first.stderr
+    worker_pid = status_json(stack_env)["worker"]["pid"]
+    client = await connect(devstack.dev_client_settings(settings))
+    survivor = fresh_id("survivor")
+    await client.start_workflow("Nobody", id=survivor, task_queue=fresh_id("tq"))
+
+    assert devstack.kill_component(settings, "temporal", signal.SIGKILL) is not None
+    await assert_eventually(
+        lambda: devstack.status(settings).component("temporal").state is ComponentState.STOPPED
+    )
+    assert pid_alive(worker_pid)
+
+    again = cli(stack_env, "dev", "up", "--json")
+    assert again.returncode == ExitCode.OK, again.stderr
+    comps = {c["name"]: c for c in json.loads(again.stdout)["components"]}
+    assert comps["temporal"]["state"] == "running" and comps["temporal"]["started"], comps
+    assert (comps["worker"]["pid"], comps["worker"]["started"]) == (worker_pid, False), comps
+
+    client = await connect(devstack.dev_client_settings(settings))
+    desc = await client.get_workflow_handle(survivor).describe()  # the same SQLite file
+    assert desc.status is not None and desc.status.name == "RUNNING"
+    # The same worker process serves the restarted server: a rollback of a system nobody
+    # knows runs to its end (a safe stop that says it stopped nothing).
+    report = await client.execute_workflow(
+        RollbackWorkflow.run,
+        RollbackInput(
+            strategy="nosuch", env=fresh_id("e")[:20].lower().replace("-", ""),
+            reason="is the worker back?", requested_by="pytest",
+        ),
+        id=fresh_id("rollback"),
+        task_queue=TASK_QUEUE,
+        result_type=RollbackReport,
+        execution_timeout=timedelta(seconds=60),
+    )  # fmt: skip
+    assert report.outcome is RollbackOutcome.SAFE_STOP and report.safe_stop is not None
+    assert pid_alive(worker_pid)
