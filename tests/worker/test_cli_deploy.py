@@ -1,23 +1,26 @@
-"""``breakglass deploy | status | promote | abort | approve`` as a user runs them: a real process
-against the dev server, DeployWorkflow on a worker with test_deployment_logic's fake release (the
-rollback child is the real saga on its fakes). Refusals must leave nothing started."""
+"""``breakglass deploy | status | promote | abort | approve`` as a user runs them, against the dev
+server, DeployWorkflow on a worker with test_deployment_logic's fake release (the rollback child
+is the real saga on its fakes). Refusals must leave nothing started. The commands run in process
+(typer's runner): nothing here is about the process; a ``deploy`` that follows its workflow while
+other commands run is a real process (the runner takes this process's stdout, one at a time)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
+from tests.fixtures.cli import REPO, Run, in_process
 from tests.helpers import assert_eventually, fresh_id, new_worker
-from tests.worker.test_cli_kill import REPO, Run, breakglass
 from tests.worker.test_cli_rollback import env_for
 from tests.workflows.test_deployment_logic import NEW, OLD, FakeRelease, deploy_plan
 from workflows.analysis_models import Verdict
@@ -43,6 +46,7 @@ class System:
     name: str
     env: dict[str, str]
     release: FakeRelease | None = None
+    one_at_a_time: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def workflow_id(self) -> str:
@@ -51,14 +55,23 @@ class System:
     def handle(self) -> WorkflowHandle:
         return self.dev_env.client.get_workflow_handle(self.workflow_id, result_type=DeployReport)
 
-    def cli(self, *args: str) -> Awaitable[Run]:
-        return breakglass(*args, env=self.env)
+    async def cli(self, *args: str) -> Run:
+        """The command in process; concurrent calls take turns."""
+        async with self.one_at_a_time:
+            return await in_process(*args, env=self.env)
 
-    def deploy(self, *args: str) -> Awaitable[Run]:
-        return self.cli(
+    def deploy_args(self, *args: str) -> tuple[str, ...]:
+        return (
             "deploy", "sample", "--env", self.name, "--version", NEW,
             "--reason", "release 1.4.0", "--as", "alice", "--yes", *args,
         )  # fmt: skip
+
+    def deploy(self, *args: str) -> Awaitable[Run]:
+        return self.cli(*self.deploy_args(*args))
+
+    def follow_deploy(self, *args: str) -> Awaitable[Following]:
+        """The deploy as its own process: it follows its workflow while other commands run."""
+        return Following.start(*self.deploy_args(*args), env=self.env)
 
     async def until(self, condition: Callable[[DeployStatus], bool]) -> DeployStatus:
         async def check() -> DeployStatus:
@@ -69,7 +82,48 @@ class System:
             assert condition(status), status
             return status
 
-        return await assert_eventually(check, timeout=30)
+        return await assert_eventually(check)
+
+
+@dataclass
+class Following:
+    """A ``breakglass`` process whose output is read as it comes, so a test can wait for what
+    it printed (the process starts slowly on a busy machine: never assume it already looks)."""
+
+    proc: asyncio.subprocess.Process
+    out: bytearray = field(default_factory=bytearray)
+    err: bytearray = field(default_factory=bytearray)
+    pumps: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    async def start(cls, *args: str, env: dict[str, str]) -> Following:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker.cli", *args,
+            cwd=REPO, env={**env, "PYTHONUNBUFFERED": "1"},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        following = cls(proc)
+        for stream, into in ((proc.stdout, following.out), (proc.stderr, following.err)):
+            assert stream is not None
+            following.pumps.append(asyncio.create_task(cls._pump(stream, into)))
+        return following
+
+    @staticmethod
+    async def _pump(stream: asyncio.StreamReader, into: bytearray) -> None:
+        while chunk := await stream.read(4096):
+            into.extend(chunk)
+
+    async def printed(self, text: str) -> None:
+        def shown() -> None:
+            printed = self.out.decode(errors="replace")
+            assert text in printed, printed
+
+        await assert_eventually(shown, timeout=120)
+
+    async def result(self) -> Run:
+        code = await asyncio.wait_for(self.proc.wait(), timeout=120)
+        await asyncio.gather(*self.pumps)
+        return Run(code, self.out.decode(), self.err.decode())
 
 
 def system_env(dev_env: WorkflowEnvironment, tmp_path: Path, task_queue: str) -> System:
@@ -110,11 +164,13 @@ async def test_a_deploy_approved_from_the_cli_is_promoted(
     dev_env: WorkflowEnvironment, tmp_path: Path
 ) -> None:
     async with deployable(dev_env, tmp_path) as system:
-        deploying = asyncio.create_task(system.deploy())
+        deploying = await system.follow_deploy()
         await system.until(lambda s: s.awaiting_approval)
+        # The hint, while it waits: approved before it looked, it would never show it.
+        await deploying.printed("awaiting approval: breakglass approve")
         status = await system.cli("status", system.workflow_id)
         approved = await system.cli("approve", system.workflow_id, "--as", "bob")
-        run = await deploying
+        run = await deploying.result()
         after = await system.cli("status", system.workflow_id, "--json")
     assert status.code == ExitCode.OK, status.err
     assert "॥ awaiting" in tree_row(status.out, "approval")
@@ -240,10 +296,10 @@ async def test_abort_while_paused_rolls_back_and_the_deploy_exits_1(
     dev_env: WorkflowEnvironment, tmp_path: Path
 ) -> None:
     async with deployable(dev_env, tmp_path, [Verdict.NODATA]) as system:
-        deploying = asyncio.create_task(system.deploy("--json"))
+        deploying = await system.follow_deploy("--json")
         await system.until(lambda s: s.paused is not None)
         aborted = await system.cli("abort", system.workflow_id, "--as", "alice", "--note", "no")
-        run = await deploying
+        run = await deploying.result()
         status = await system.cli("status", system.workflow_id)
     assert aborted.code == ExitCode.OK, aborted.err
     assert f"aborted by alice: {system.workflow_id} is aborting" in aborted.out
