@@ -221,6 +221,9 @@ ROLLBACK_ACTIVITIES = (
     "notify",
 )
 """Every activity type a rollback runs: the crash matrix kills the worker in each of them."""
+MAYBE_NOT_RUN = {"halt_account"}
+"""The venue's dead-man switch guards a sender still running: a rollback that stopped the
+strategy first may kill without arming it."""
 READ_ONLY = {"plan_rollback", "snapshot_venue_state", "check_health", "notify"}
 """No effect outside the worker to cut in the middle of: their "middle" is their end."""
 MAYBE_NOTHING_TO_DO = {"reconcile_state_db", "halt_account"}
@@ -311,7 +314,7 @@ async def crash_every_step(
             report = await run_with_restarts(s, handle, lambda: start(s), ledger)
             await check_invariants(report, s, sandbox_admin)
             crashes = fired(ledger)
-            assert sorted(crashes) == sorted(ROLLBACK_ACTIVITIES), crashes
+            assert set(ROLLBACK_ACTIVITIES) - MAYBE_NOT_RUN <= set(crashes), crashes
             if phase == "middle":
                 cut = {name for name, how in crashes.items() if how.startswith("middle: after")}
                 # Found its work done: an attempt before it, on a worker that died meanwhile
@@ -328,7 +331,7 @@ async def crash_every_step(
                 history = await client.get_workflow_handle(workflow_id).fetch_history()
                 retried |= set(retried_activities(history))
             local = {"halt_account", "snapshot_venue_state"}
-            assert retried >= set(ROLLBACK_ACTIVITIES) - local, (phase, retried)
+            assert retried >= set(crashes) - local, (phase, retried)
         finally:
             for proc in s.workers:
                 kill_group(proc)
