@@ -163,6 +163,10 @@ async def _join(
     """Send the running kill this request's reason, requester and scope (update ``join``; a
     wider scope escalates it) and say so. False: it finished meanwhile, start a new one."""
     join = KillJoin(reason=request.reason, requested_by=request.requested_by, scope=request.scope)
+    # Said before the update's wait: without a worker it lasts JOIN_TIMEOUT.
+    err_console.print(
+        f"a kill of these accounts is already running ({handle.id}): joining it", markup=False
+    )
     running = await _running_request(client, handle)
     result: KillJoinResult | None
     try:

@@ -228,7 +228,7 @@ async def test_second_kill_joins_says_so_and_escalates_the_scope(
     account = rig.accounts[0].futures
     # The cancel-only kill is held at the venue's cancel-all long enough to be joined.
     await rig.admin.add_faults(
-        [FaultRule(kind="latency", match="DELETE /fapi/v1/allOpenOrders", latency_ms=3000)]
+        [FaultRule(kind="latency", match="DELETE /fapi/v1/allOpenOrders", latency_ms=4000)]
     )
     try:
         async with kill_worker(dev_env.client, rig) as w:
@@ -255,7 +255,8 @@ async def test_second_kill_joins_says_so_and_escalates_the_scope(
     assert joined["running_reason"] == "first: orders only"
     assert joined["running_scope"] == "cancel-only"
     assert joined["escalated"] is True and joined["scope"] == "flatten"
-    assert "joined the running kill" in run.err and "alice" in run.err
+    assert "already running" in run.err and "joined the running kill" in run.err
+    assert "alice" in run.err
     assert "escalated it to flatten" in run.err
     report = run.report()
     assert report.workflow_id == first.id and report.scope is KillScope.FLATTEN
