@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 REQUERY_INTERVAL_S = 0.2
 UNREAD_TRIES = 4
 """Consecutive failed listings of a book after which the sweep stops waiting for it (once the
-books it can read are empty) and reports it unread."""
+books it can read are empty) and reports it unread; likewise consecutive failed cancel-alls of
+a symbol's book: the sweep returns (the flatten must not wait for the deadline) and reports it."""
 
 Book = bool
 """False: the plain order book; True: the conditional (algo) book."""
@@ -55,6 +56,7 @@ class CancelSweep:
     read_ok_last: dict[Book, bool] = field(default_factory=dict)
     unread_streak: dict[Book, int] = field(default_factory=dict)
     failures: dict[tuple[str | None, Book, str], BookFailure] = field(default_factory=dict)
+    cancel_streak: dict[tuple[str, Book], int] = field(default_factory=dict)
     blind_done: set[tuple[str, Book]] = field(default_factory=set)
     position_symbols: set[str] | None = None
     ever_read: bool = False
@@ -72,8 +74,12 @@ class CancelSweep:
             open_now = [o for b in self.books if self.read_ok_last.get(b) for o in self.last[b]]
             self.progress.update(open=len(open_now))
             unread = [b for b in self.books if not self.read_ok_last.get(b)]
-            if not open_now and all(self.unread_streak.get(b, 0) >= UNREAD_TRIES for b in unread):
-                break
+            stuck = all(
+                self.cancel_streak.get((o.symbol, o.conditional), 0) >= UNREAD_TRIES
+                for o in open_now
+            )
+            if stuck and all(self.unread_streak.get(b, 0) >= UNREAD_TRIES for b in unread):
+                break  # nothing left that another try could change soon
             if time.monotonic() >= self.deadline:
                 break
             if self.queries > 1 or unread:
@@ -165,8 +171,10 @@ class CancelSweep:
             self.failures[(symbol, book, "cancel")] = BookFailure(
                 symbol=symbol, conditional=book, action="cancel", error=_error(e)
             )
+            self.cancel_streak[(symbol, book)] = self.cancel_streak.get((symbol, book), 0) + 1
         else:
             self.failures.pop((symbol, book, "cancel"), None)
+            self.cancel_streak.pop((symbol, book), None)
 
     # ------------------------------------------------------------------ result
 

@@ -391,3 +391,36 @@ async def test_a_second_kill_is_not_delayed_by_the_first_ones_arming(make_rig: M
     rearmed = [r for r in log if r.path == "/fapi/v1/countdownCancelAll"]
     assert len(rearmed) <= len(symbols) - len(first[0].symbols_armed)
     assert set(first[0].symbols_armed) <= set(second[0].symbols_armed)
+
+
+async def test_a_book_that_cannot_be_cancelled_does_not_hold_the_rest_for_the_deadline(
+    env, make_rig: MakeRig
+) -> None:
+    rig = await make_rig(n=1, create=True)
+    account = rig.accounts[0]
+    await rest_orders(rig, ["BTCUSDT", "ETHUSDT"], conditional=["ETHUSDT"])
+    await rig.admin.add_faults(
+        [
+            FaultRule(
+                kind="http_error",
+                match="DELETE /fapi/v1/algoOpenOrders",
+                status=400,
+                api_key=account.api_key,
+            )
+        ]
+    )
+    acts = KillActivities(rig.gateway())
+    started = time.monotonic()
+    try:
+        cancel = await env.run(acts.cancel_all, CancelAllRequest(account=account.futures))
+    finally:
+        await acts.gateway.close()
+    elapsed = time.monotonic() - started
+    state = await rig.admin.state(account.api_key)
+    assert state.open_orders == [] and len(state.open_conditional_orders) == 1
+    assert not cancel.complete
+    assert [(f.symbol, f.conditional, f.action) for f in cancel.failed_books] == [
+        ("ETH/USDT:USDT", True, "cancel")
+    ], cancel.failed_books
+    assert [o.symbol for o in cancel.still_open] == ["ETH/USDT:USDT"]
+    assert elapsed < 5, f"cancel_all waited {elapsed:.1f}s for a book it cannot cancel"
