@@ -225,3 +225,42 @@ async def test_server_gone_mid_follow_says_so_and_exits_unreachable(
     assert "the kill goes on" in run.stderr
     assert f"breakglass status {workflow_id}" in run.stderr
     assert_clean_terminal(run.stderr)
+
+
+async def test_worker_dying_mid_kill_is_warned_while_following_and_cleared(
+    dev_env: WorkflowEnvironment, make_rig: MakeRig, tmp_path: Path
+) -> None:
+    """The follower keeps checking: the worker running the kill is SIGKILLed in the middle of
+    cancel_all; once its activity times out and waits for a worker that does not come, the CLI
+    says so, and says again when a new worker picked the kill up."""
+    rig = await make_rig(n=1)
+    await rig.seed(symbols=2, open_orders=6, positions=1)
+    address = dev_env.client.service_client.config.target_host
+    task_queue = fresh_id("tq-mid")
+    env = cli_env(rig, address, task_queue)
+    account = rig.accounts[0].futures
+    worker = start_worker(rig, address, task_queue, tmp_path / "worker.log")
+    try:
+        # cancel_all hangs at the venue long enough to kill its worker in the middle of it.
+        await rig.admin.add_faults(
+            [FaultRule(kind="latency", match="DELETE /fapi/v1/allOpenOrders", latency_ms=20_000)]
+        )
+        await assert_eventually(
+            lambda: live_pollers(dev_env.client, task_queue), timeout=60, interval=0.2
+        )
+        async with cli("kill", "--account", account, "--reason", "dies mid-kill", env=env) as run:
+            await seen(run, r"^cancel_all: running", stream="out", timeout=60)
+            sigkill(worker)
+            await rig.admin.clear_faults()
+            died = time.monotonic()
+            warned = await seen(run, r"no worker", timeout=60)
+            assert warned - (died - run.started) < 30, f"warned {warned:.1f}s in"
+            async with kill_worker(dev_env.client, rig, task_queue=task_queue):
+                await seen(run, r"^a worker picked up the kill kill/", timeout=60)
+                code = await finished(run)
+    finally:
+        sigkill(worker)
+        await rig.admin.clear_faults()
+    assert code == ExitCode.OK, run.stdout + run.stderr
+    assert "verified" in run.stdout
+    assert_clean_terminal(run.stderr)
