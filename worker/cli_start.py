@@ -195,10 +195,15 @@ class WorkerWatch:
                 f"that took {what} may have died; it goes on when another worker polls task "
                 f"queue {self.task_queue!r}"
             )
+        why = (
+            "may have just died"
+            if waiting.activity is None
+            else "may have died, or be too busy to take it"
+        )
         return (
-            f"warning: {still}no worker has picked up {what} for {waiting.since_s:.0f}s (a "
-            f"worker on task queue {self.task_queue!r} may have just died): it is queued and "
-            "goes on as soon as a worker polls (breakglass dev up, or start one)"
+            f"warning: {still}no worker has picked up {what} for {waiting.since_s:.0f}s (the "
+            f"worker on task queue {self.task_queue!r} {why}): it is queued and goes on as soon "
+            "as a worker polls (breakglass dev up, or start one)"
         )
 
     async def check(self) -> Waiting | None:
