@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
+from typing import TypeVar
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -43,6 +45,7 @@ from workflows.shared import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEAD_MAN_TRIES = 3
 """Tries per symbol for a countdown the venue answered 5xx to (quick, inside the halt: it runs
@@ -53,6 +56,8 @@ DEAD_MAN_REARM_WITHIN_S = 60.0
 """A countdown this process armed less than this long ago (and still past half its time) is
 not armed again: a second kill within the minute spends no weight on it."""
 UNREAD = ("orders", "conditional-orders", "positions")
+READ_TRIES = 3
+"""Tries of one read in the verify look (and the halt's listing) before it counts as unread."""
 
 
 def as_application_error(error: VenueError | ConfigError, account: str) -> ApplicationError:
@@ -63,6 +68,19 @@ def as_application_error(error: VenueError | ConfigError, account: str) -> Appli
     return ApplicationError(
         f"{account}: {kind}: {error}", type=kind, non_retryable=not error.retryable
     )
+
+
+async def _read_again(read: Callable[[], Awaitable[T]]) -> T:
+    """A read, tried again at once after a passing failure (5xx, connection): a flaky venue
+    should not turn one unlucky answer into an unverified book. Rate limits are not hammered."""
+    for attempt in range(READ_TRIES):
+        try:
+            return await read()
+        except VenueError as e:
+            if not e.retryable or isinstance(e, RateLimited) or attempt == READ_TRIES - 1:
+                raise
+            await asyncio.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 class KillActivities:
@@ -106,7 +124,7 @@ class KillActivities:
             if symbols is None:
                 # Plain orders only: the conditional listing failing must not stop the arming.
                 # Symbols only: parsing every order would hold the event loop the cancels share.
-                rows = await venue.open_order_rows(False, join_in_flight=True)
+                rows = await _read_again(lambda: venue.open_order_rows(False, join_in_flight=True))
                 symbols = sorted(venue.symbols_of(rows))
             failed = await self._countdowns(venue, symbols, seconds)
         except VenueError as e:
@@ -311,9 +329,9 @@ class KillActivities:
         """
         venue = await self._venue(request.account)
         reads = await asyncio.gather(
-            venue.plain_open_orders(),
-            venue.conditional_open_orders(),
-            venue.positions(),
+            _read_again(venue.plain_open_orders),
+            _read_again(venue.conditional_open_orders),
+            _read_again(venue.positions),
             return_exceptions=True,
         )
         unread: list[str] = []

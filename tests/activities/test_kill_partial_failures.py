@@ -343,6 +343,12 @@ async def test_a_flaky_venue_still_ends_flat_and_never_flipped(make_rig: MakeRig
         )
         # A retried attempt: every earlier client id is looked up first, under the same 503s.
         flat = await attempt(2).run(acts.flatten, request)
+        looks = [
+            await ActivityEnvironment().run(
+                acts.snapshot_venue_state, AccountRequest(account=account.futures)
+            )
+            for _ in range(5)
+        ]
     finally:
         await gateway.close()
     state = await rig.admin.state(account.api_key)
@@ -350,6 +356,9 @@ async def test_a_flaky_venue_still_ends_flat_and_never_flipped(make_rig: MakeRig
         assert not p.flipped, f"{p.symbol} changed sign: {p.sign_history}"
         assert p.qty == 0, f"{p.symbol} left at {p.qty}: failures {flat.failures}"
     assert flat.positions_after == []
+    # A look either names the books it could not read or tells the truth; most read them all.
+    assert all(look.unread_books or look.positions == [] for look in looks)
+    assert any(not look.unread_books for look in looks)
     if cancel.complete and not cancel.still_open:
         assert state.open_orders == [] and state.open_conditional_orders == []
     assert_no_order_sent_twice([state], prefix="bgflaky1")
