@@ -16,6 +16,7 @@ import pytest
 from temporalio.testing import ActivityEnvironment
 
 from activities.kill import KillActivities
+from activities.kill_flatten import client_order_id
 from activities.ratelimit import WeightLimiter
 from activities.venues import VenueGateway
 from sandbox.admin_models import FaultRule, PositionSet, SeedOrder
@@ -433,3 +434,33 @@ async def test_a_book_that_cannot_be_cancelled_does_not_hold_the_rest_for_the_de
     ], cancel.failed_books
     assert [o.symbol for o in cancel.still_open] == ["ETH/USDT:USDT"]
     assert elapsed < 5, f"cancel_all waited {elapsed:.1f}s for a book it cannot cancel"
+
+
+async def test_a_retry_finds_an_earlier_order_its_heartbeat_never_told(make_rig: MakeRig) -> None:
+    rig = await make_rig(n=1, create=True)
+    account = rig.accounts[0]
+    await rig.admin.set_positions(
+        account.api_key, [PositionSet(symbol="ETHUSDT", qty=Decimal("-3"))]
+    )
+    gateway = rig.gateway()
+    venue = await gateway.session(account.futures)
+    (position,) = await venue.positions()
+    # The first attempt closed 1 of 3 with its pass-0 id and died before any heartbeat.
+    cid = client_order_id("bgnobeat", position.symbol, None, 0)
+    await venue.close_position(position, Decimal("1"), cid)
+    acts = KillActivities(gateway)
+    try:
+        retry = await attempt(2).run(
+            acts.flatten, FlattenRequest(account=account.futures, client_id_prefix="bgnobeat")
+        )
+    finally:
+        await gateway.close()
+    assert [o.client_order_id for o in retry.recovered_orders] == [cid]
+    assert [o.client_order_id for o in retry.orders] == [
+        client_order_id("bgnobeat", position.symbol, None, 1)
+    ]
+    assert retry.positions_after == [] and retry.failures == []
+    state = await rig.admin.state(account.api_key)
+    assert_no_order_sent_twice([state], prefix="bgnobeat")
+    (eth,) = state.positions
+    assert eth.qty == 0 and not eth.flipped
