@@ -309,8 +309,10 @@ async def test_up_restarts_a_dead_temporal_under_a_living_worker(
     )
     assert pid_alive(worker_pid)
 
+    started = time.monotonic()
     again = cli(stack_env, "dev", "up", "--json")
     assert again.returncode == ExitCode.OK, again.stderr
+    print(f"dev up with a dead server under a living worker: {time.monotonic() - started:.1f}s")
     comps = {c["name"]: c for c in json.loads(again.stdout)["components"]}
     assert comps["temporal"]["state"] == "running" and comps["temporal"]["started"], comps
     assert (comps["worker"]["pid"], comps["worker"]["started"]) == (worker_pid, False), comps
