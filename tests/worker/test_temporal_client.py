@@ -42,6 +42,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.servers  # no server, but a real connect attempt (the fast tier refuses those)
 async def test_nothing_listening_fails_fast_in_one_line() -> None:
     port = free_port()
     settings = Settings(temporal_address=f"127.0.0.1:{port}", temporal_namespace="ops")
@@ -54,6 +55,7 @@ async def test_nothing_listening_fails_fast_in_one_line() -> None:
     assert message.startswith(f"cannot reach Temporal at 127.0.0.1:{port} (namespace ops): ")
 
 
+@pytest.mark.servers  # a listener of its own that never answers
 async def test_silent_server_times_out() -> None:
     # A listener that never answers: the connect timeout, not the OS, ends the wait.
     with socket.socket() as s:
