@@ -217,34 +217,36 @@ async def direct_one(
     dead_man: bool = True,
 ) -> bool:
     """The same activities and requests as the workflow, awaited directly: the first cancel-all
-    goes out at once, the look at the positions as they were (the report's "before") and the
-    halt (arming the dead-man) beside it, never in front (issue 8); cancel, flatten and verify
-    follow each other, round after round. ``dead_man=False``: no halt (a caller that stopped
-    the sender itself, as the rollback saga does)."""
+    goes out at once with the halt (arming the dead-man) beside it, never in front (issue 8);
+    before the first flatten one look at the positions as they were (the report's "before");
+    cancel, flatten and verify follow each other, round after round. ``dead_man=False``: no
+    halt (a caller that stopped the sender itself, as the rollback saga does)."""
     env = ActivityEnvironment()
 
     def step(name: str, fn: Callable[[Any], Awaitable[T]], request: Any) -> Awaitable[T]:
         return timed(spans, name, account, go, env.run(fn, request))
 
+    look = AccountRequest(account=account)
+
     async def unwind() -> bool:
         for round_no in range(1, MAX_ROUNDS + 1):
             await step("cancel_all", acts.cancel_all, CancelAllRequest(account=account))
+            if round_no == 1:
+                await step("snapshot_venue_state", acts.snapshot_venue_state, look)
             prefix = f"{tag}r{round_no}"
             flatten = FlattenRequest(account=account, client_id_prefix=prefix)
             flat = await step("flatten", acts.flatten, flatten)
-            look = AccountRequest(account=account)
             snap = await step("snapshot_venue_state", acts.snapshot_venue_state, look)
             if not snap.open_orders and not unverified_positions(snap, flat.dust):
                 return True
         return False
 
-    beside: list[Awaitable[Any]] = [
-        step("snapshot_venue_state", acts.snapshot_venue_state, AccountRequest(account=account))
-    ]
-    if dead_man:
-        beside.append(step("halt_account", acts.halt, HaltRequest(account=account)))
-    verified, *_ = await asyncio.gather(unwind(), *beside)
-    return bool(verified)
+    if not dead_man:
+        return await unwind()
+    verified, _ = await asyncio.gather(
+        unwind(), step("halt_account", acts.halt, HaltRequest(account=account))
+    )
+    return verified
 
 
 async def run_direct_without_dead_man(stack: Stack, pair: list[SandboxAccount]) -> RunResult:
