@@ -7,9 +7,11 @@ Temporal reachable); a refusal starts nothing.
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import json
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -157,6 +159,15 @@ async def _finished(handle: WorkflowHandle) -> bool:
     return description.status != WorkflowExecutionStatus.RUNNING
 
 
+async def _ends_soon(handle: WorkflowHandle, within_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while not await _finished(handle):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.2)
+    return True
+
+
 async def _join(
     client: Client, handle: WorkflowHandle, request: KillSwitchInput, joined: list[Joined]
 ) -> bool:
@@ -180,7 +191,8 @@ async def _join(
     except WorkflowUpdateRPCTimeoutOrCancelledError:
         result = None
     except WorkflowUpdateFailedError as e:
-        if await _finished(handle):
+        # Refused because its report is final: it ends within moments, then a new kill starts.
+        if await _ends_soon(handle):
             return False
         abort(
             f"the running kill {handle.id} refused to be joined: "

@@ -94,6 +94,14 @@ JOIN_ATTEMPTS = 3
 """A running workflow that finishes while we join it is started anew; this many times at most."""
 
 
+def _unreachable(settings: Settings, what: str, e: RPCError) -> NoReturn:
+    status = e.status.name if e.status else "an error"
+    abort(
+        f"{what}: Temporal at {settings.temporal_address} answered {status}: {e.message}",
+        ExitCode.UNREACHABLE,
+    )
+
+
 async def start(client: Client, settings: Settings, spec: Start) -> WorkflowHandle:
     """Start ``spec`` under its id; when that id runs: refuse, or join it (``spec.join``).
 
@@ -119,14 +127,13 @@ async def start(client: Client, settings: Settings, spec: Start) -> WorkflowHand
                     ExitCode.BAD_INPUT,
                 )
             handle = client.get_workflow_handle(spec.workflow_id, result_type=spec.result_type)
-            if await spec.join(client, handle):
-                return handle
+            try:
+                if await spec.join(client, handle):
+                    return handle
+            except RPCError as e:
+                _unreachable(settings, f"cannot join the running {spec.workflow_id}", e)
         except RPCError as e:
-            abort(
-                f"cannot start {spec.workflow_id}: Temporal at {settings.temporal_address} "
-                f"answered {e.status.name if e.status else 'an error'}: {e.message}",
-                ExitCode.UNREACHABLE,
-            )
+            _unreachable(settings, f"cannot start {spec.workflow_id}", e)
     abort(
         f"{spec.workflow_id} finished {JOIN_ATTEMPTS} times while this request joined it: "
         f"see breakglass status {spec.workflow_id}",
