@@ -45,6 +45,9 @@ ROLLBACK_SCENARIOS = {
     "rollback_safe_stop_at_reconcile": FakeSystem(
         plan(), disagree=["position BTCUSDT: database 0.004, venue 0"]
     ),
+    "rollback_safe_stop_at_plan": FakeSystem(
+        plan(), fail_plan="no snapshot of momentum/prod at version 1.3.0"
+    ),
 }
 DEPLOY_SCENARIOS = {
     # name: (the system, who approves the promotion; None: nobody is asked)

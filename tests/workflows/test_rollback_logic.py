@@ -37,6 +37,7 @@ from workflows.rollback_models import (
     RollbackPlan,
     RollbackReport,
     RollbackStep,
+    SystemLocation,
     TradingStateChange,
     TradingStateRequest,
 )
@@ -88,12 +89,29 @@ class FakeSystem:
     healthy_after: int = 1
     disagree: list[str] = field(default_factory=list)
     """What the reconcile still finds different after correcting (empty: they agree)."""
+    fail_plan: str | None = None
+    """The plan is refused with this message (e.g. no snapshot of the version)."""
+    findable: bool = True
+    """Whether the runbook still names the system (a safe stop without a plan locates it)."""
 
     def activities(self) -> list:
         @activity.defn(name="plan_rollback")
         async def plan_rollback(r: RollbackInput) -> RollbackPlan:
             self.calls.append("plan")
+            if self.fail_plan is not None:
+                raise ApplicationError(self.fail_plan, type="PlanRefused", non_retryable=True)
             return self.plan
+
+        @activity.defn(name="locate_system")
+        async def locate(r: RollbackInput) -> SystemLocation:
+            self.calls.append("locate")
+            if not self.findable:
+                raise ApplicationError(
+                    f"no runbook for {r.strategy}/{r.env} in /rb",
+                    type="ConfigError",
+                    non_retryable=True,
+                )
+            return SystemLocation(ref=self.plan.ref, accounts=self.plan.accounts, database=DB)
 
         @activity.defn(name="set_trading_state")
         async def set_state(r: TradingStateRequest) -> TradingStateChange:
@@ -146,7 +164,7 @@ class FakeSystem:
             self.calls.append(f"reconcile:{','.join(r.accounts)}")
             return ReconcileResult(disagreements=self.disagree)
 
-        return [plan_rollback, set_state, stop, restore, activate, health, reconcile]
+        return [plan_rollback, locate, set_state, stop, restore, activate, health, reconcile]
 
 
 def kill_scopes(venue: FakeVenue) -> list[str]:
@@ -315,3 +333,43 @@ async def test_database_and_venue_still_disagreeing_stops_before_trading(time_en
     assert "state:ACTIVE" not in system.calls
     tail = system.calls[system.calls.index("reconcile:a") + 1 :]
     assert tail == ["state:HALTED", "stop"]
+
+
+async def test_a_failed_plan_still_halts_stops_and_cancels_what_the_runbook_names(
+    time_env,
+) -> None:
+    """Issue 8: the plan failed and the safe stop did nothing, yet reported STOPPED SAFELY."""
+    refused = "no snapshot of momentum/prod at version 1.3.0"
+    system, venue = FakeSystem(plan(), fail_plan=refused), FakeVenue()
+    handle, worker = await start(time_env, system, venue)
+    try:
+        report: RollbackReport = await handle.result()
+    finally:
+        await worker.__aexit__(None, None, None)
+    assert report.outcome is RollbackOutcome.SAFE_STOP
+    assert report.failed_step is RollbackStep.PLAN and refused in report.error
+    assert system.calls == ["plan", "locate", "state:HALTED", "stop"]
+    assert [k.scope for k in report.kills] == [KillScope.CANCEL_ONLY]
+    stop = report.safe_stop
+    assert stop is not None and stop.found and not stop.stopped_nothing, stop
+    assert (stop.halted, stop.stopped_versions) == ("-> HALTED", ["1.4.0"]), stop
+    assert stop.orders_cancelled is not None
+    (told,) = [n for n in venue.notified if n.severity == "critical"]
+    assert "STOPPED SAFELY at plan: halted (-> HALTED), stopped 1.4.0" in told.text, told.text
+    assert "None" not in told.text
+
+
+async def test_a_system_nobody_can_find_is_reported_as_stopped_by_nobody(time_env) -> None:
+    refused = "no runbook for momentum/prod in /rb"
+    system = FakeSystem(plan(), fail_plan=refused, findable=False)
+    venue = FakeVenue()
+    handle, worker = await start(time_env, system, venue)
+    try:
+        report: RollbackReport = await handle.result()
+    finally:
+        await worker.__aexit__(None, None, None)
+    assert report.outcome is RollbackOutcome.SAFE_STOP
+    assert system.calls == ["plan", "locate"] and report.kills == []
+    assert report.safe_stop is not None and not report.safe_stop.found
+    (told,) = [n for n in venue.notified if n.severity == "critical"]
+    assert "STOPPED NOTHING at plan" in told.text and "STOPPED SAFELY" not in told.text, told
