@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -33,8 +34,10 @@ from workflows.kill_switch import KillSwitchWorkflow
 from workflows.shared import (
     AccountState,
     DeadManState,
+    KillJoin,
     KillOutcome,
     KillReport,
+    KillScope,
     KillSwitchInput,
     StepState,
     kill_workflow_id,
@@ -170,6 +173,50 @@ async def test_a_second_kill_of_the_same_accounts_joins_the_running_one(
     await assert_flat(rig)
 
 
+async def test_a_flatten_joining_a_cancel_only_kill_leaves_the_account_flat(
+    client: Client, make_rig: MakeRig
+) -> None:
+    rig = await make_rig(n=1)
+    await rig.seed(symbols=3, open_orders=12, positions=2, seed=5)
+    # Slow cancels keep the cancel-only kill running while the flatten kill joins it.
+    await rig.admin.add_faults(
+        [
+            FaultRule(
+                kind="latency", match="DELETE *", latency_ms=1500, api_key=rig.accounts[0].api_key
+            )
+        ]
+    )
+    request = KillSwitchInput(
+        accounts=rig.names(spot=False),
+        scope=KillScope.CANCEL_ONLY,
+        reason="reject storm",
+        requested_by="alice",
+    )
+    gateway = rig.gateway()
+    try:
+        async with new_worker(client, *WORKFLOWS, activities=activities_for(gateway, [])) as worker:
+            handle = await client.start_workflow(
+                KillSwitchWorkflow.run,
+                request,
+                id=kill_workflow_id(request.accounts) + "-" + fresh_id(),
+                task_queue=worker.task_queue,
+            )
+            joined = await handle.execute_update(
+                KillSwitchWorkflow.join,
+                KillJoin(reason="desk: flatten too", requested_by="bob", scope=KillScope.FLATTEN),
+                rpc_timeout=timedelta(seconds=30),
+            )
+            report = await asyncio.wait_for(handle.result(), timeout=90)
+    finally:
+        await rig.admin.clear_faults()
+        await gateway.close()
+    assert joined.escalated and joined.scope is KillScope.FLATTEN
+    assert "reject storm" in joined.message and "alice" in joined.message
+    assert report.scope is KillScope.FLATTEN and report.outcome is KillOutcome.VERIFIED, report
+    assert [(j.requested_by, j.scope) for j in report.joins] == [("bob", KillScope.FLATTEN)]
+    await assert_flat(rig, spot=False)
+
+
 async def test_a_failing_conditional_book_does_not_block_the_account(
     client: Client, make_rig: MakeRig
 ) -> None:
@@ -256,7 +303,8 @@ async def wait_for_poller(client: Client, task_queue: str) -> None:
         )
         return len(answer.pollers) > 0
 
-    await assert_eventually(polled, timeout=30)
+    # A worker process imports ccxt and the SDK: on a loaded 2-core machine that took 30 s.
+    await assert_eventually(polled, timeout=120)
 
 
 def scan_for_secrets(rig: Rig, *texts: str) -> None:
@@ -276,6 +324,10 @@ async def test_worker_sigkilled_mid_step_then_restarted_completes_flat(
     client = dev_env.client
     rig = await make_rig(n=2)
     await rig.seed(symbols=8, open_orders=120, positions=8, seed=3)
+    held = {
+        a.futures: sum(1 for p in state.positions if p.qty != 0)
+        for a, state in zip(rig.accounts, await rig.states(), strict=True)
+    }
     # The step's venue calls hang long enough to kill the worker in the middle of them.
     await rig.admin.add_faults(
         [
@@ -318,9 +370,22 @@ async def test_worker_sigkilled_mid_step_then_restarted_completes_flat(
 
     assert report.outcome is KillOutcome.VERIFIED, report
     await assert_flat(rig)
-    assert_no_order_sent_twice(await rig.states())
+    states = await rig.states()
+    assert_no_order_sent_twice(states)
     history = await handle.fetch_history()
     assert step in retried_activities(history), "the killed attempt was not retried"
+    # The report is the audit trail: the positions as they were when the kill began, and every
+    # order sent under the kill's client ids, the killed attempt's too.
+    by_name = {a.account: a for a in report.accounts}
+    for name, count in held.items():
+        assert len(by_name[name].positions_before or []) == count, by_name[name]
+    sent = {
+        o.client_order_id for s in states for o in s.orders if o.client_order_id.startswith("bg")
+    }
+    reported = {o.client_order_id for a in report.accounts for o in a.flatten_orders}
+    # Needs the flatten activity to look up the killed attempt's ids on legs it already closed
+    # (they are flat when the retry reads positions), not only on legs still open.
+    assert reported == sent, f"sent but not in the report: {sorted(sent - reported)}"
     scan_for_secrets(
         rig, history.to_json(), log.read_text(errors="replace"), report.model_dump_json()
     )
