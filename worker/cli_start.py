@@ -94,12 +94,20 @@ JOIN_ATTEMPTS = 3
 """A running workflow that finishes while we join it is started anew; this many times at most."""
 
 
-def _unreachable(settings: Settings, what: str, e: RPCError) -> NoReturn:
+_NO_CONTACT = (
+    RPCStatusCode.UNAVAILABLE,
+    RPCStatusCode.DEADLINE_EXCEEDED,
+    RPCStatusCode.CANCELLED,
+    RPCStatusCode.UNKNOWN,
+)
+
+
+def _rpc_failed(settings: Settings, what: str, e: RPCError) -> NoReturn:
+    """No contact is UNREACHABLE; a refusal (namespace, search attribute, permission) is
+    configuration: BAD_INPUT. Either way nothing was started."""
     status = e.status.name if e.status else "an error"
-    abort(
-        f"{what}: Temporal at {settings.temporal_address} answered {status}: {e.message}",
-        ExitCode.UNREACHABLE,
-    )
+    code = ExitCode.UNREACHABLE if e.status in _NO_CONTACT else ExitCode.BAD_INPUT
+    abort(f"{what}: Temporal at {settings.temporal_address} answered {status}: {e.message}", code)
 
 
 async def start(client: Client, settings: Settings, spec: Start) -> WorkflowHandle:
@@ -131,9 +139,9 @@ async def start(client: Client, settings: Settings, spec: Start) -> WorkflowHand
                 if await spec.join(client, handle):
                     return handle
             except RPCError as e:
-                _unreachable(settings, f"cannot join the running {spec.workflow_id}", e)
+                _rpc_failed(settings, f"cannot join the running {spec.workflow_id}", e)
         except RPCError as e:
-            _unreachable(settings, f"cannot start {spec.workflow_id}", e)
+            _rpc_failed(settings, f"cannot start {spec.workflow_id}", e)
     abort(
         f"{spec.workflow_id} finished {JOIN_ATTEMPTS} times while this request joined it: "
         f"see breakglass status {spec.workflow_id}",

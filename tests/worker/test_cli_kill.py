@@ -141,6 +141,18 @@ async def test_unreachable_temporal_is_one_clear_line(
     assert len(run.err.strip().splitlines()) == 1
 
 
+async def test_a_server_refusing_the_start_is_one_line_and_bad_input(
+    dev_env: WorkflowEnvironment, make_rig: MakeRig
+) -> None:
+    rig = await make_rig(n=1, create=True)
+    namespace = fresh_id("no-such-namespace")
+    env = cli_env(rig, dev_env, fresh_id("tq"), BREAKGLASS_TEMPORAL_NAMESPACE=namespace)
+    run = await in_process("kill", "--account", rig.accounts[0].futures, "--reason", "x y", env=env)
+    assert run.code == ExitCode.BAD_INPUT, run.err
+    assert run.err.startswith(f"error: cannot start kill/{rig.accounts[0].futures}: Temporal at")
+    assert namespace in run.err and len(run.err.strip().splitlines()) == 1
+
+
 async def test_unreadable_account_is_unknown_never_zero_and_sends_nothing(
     dev_env: WorkflowEnvironment, make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
