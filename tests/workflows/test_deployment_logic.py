@@ -25,8 +25,8 @@ from activities.analysis import judge as judge_for_real
 from activities.rollback_plan import RollbackPlanner
 from activities.snapshot_catalog import SnapshotCatalog
 from activities.snapshots import SnapshotActivities
+from tests.fixtures.kill import FakeVenue
 from tests.helpers import assert_eventually, new_worker
-from tests.workflows.test_kill_switch_logic import FakeVenue
 from tests.workflows.test_rollback_logic import DB, REF, SNAPSHOT, FakeSystem, plan
 from workflows.analysis_models import (
     AnalysisPolicy,

@@ -14,8 +14,8 @@ from temporalio import activity
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
+from tests.fixtures.kill import FakeVenue
 from tests.helpers import assert_eventually, fresh_id, new_worker
-from tests.workflows.test_kill_switch_logic import FakeVenue
 from workflows.deploy_models import (
     ActivateRequest,
     ActivationRecord,
