@@ -263,6 +263,53 @@ async def test_a_failing_conditional_book_does_not_block_the_account(
     assert report.outcome is KillOutcome.UNVERIFIED
 
 
+async def test_a_flaky_venue_still_gets_verified_or_an_explained_give_up(
+    client: Client, make_rig: MakeRig
+) -> None:
+    """503 on 30 % of the account's requests: every round still flattens and verifies; the kill
+    either ends verified and flat, or says why it gave up, never with zeros for unknowns."""
+    rig = await make_rig(n=1)
+    await rig.seed(symbols=4, open_orders=24, positions=4, seed=17)
+    await rig.admin.add_faults(
+        [
+            FaultRule(
+                kind="http_error",
+                match="/fapi/*",
+                status=503,
+                probability=0.3,
+                api_key=rig.accounts[0].api_key,
+            )
+        ]
+    )
+    gateway = rig.gateway()
+    try:
+        async with new_worker(client, *WORKFLOWS, activities=activities_for(gateway, [])) as worker:
+            handle = await client.start_workflow(
+                KillSwitchWorkflow.run,
+                kill_input(rig, spot=False),
+                id=fresh_id("kill"),
+                task_queue=worker.task_queue,
+            )
+            report = await asyncio.wait_for(handle.result(), timeout=240)
+    finally:
+        await rig.admin.clear_faults()
+        await gateway.close()
+    account = report.accounts[0]
+    assert account.steps and {s.step: s.state for s in account.steps}["verify"] in (
+        StepState.DONE,
+        StepState.FAILED,
+    )
+    if report.outcome is KillOutcome.VERIFIED:
+        await assert_flat_positions(rig)
+        state = await rig.admin.state(rig.accounts[0].api_key)
+        assert [o for o in state.open_orders if o.venue == "futures"] == []
+    else:
+        assert account.gave_up, account
+        assert account.state is not AccountState.VERIFIED
+    if account.state is not AccountState.UNKNOWN:
+        assert account.positions_after is not None
+
+
 async def assert_flat_positions(rig: Rig) -> None:
     prices = (await rig.admin.prices()).prices
     for state in await rig.states():
