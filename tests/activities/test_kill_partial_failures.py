@@ -71,6 +71,13 @@ async def rest_orders(rig: Rig, symbols: list[str], conditional: list[str] = ())
     await rig.admin.seed_orders(account.api_key, orders)
 
 
+async def inject(rig: Rig, kind: str, match: str, **rule: Any) -> None:
+    """One fault on the rig's first account only (the sandbox is shared by the session)."""
+    await rig.admin.add_faults(
+        [FaultRule(kind=kind, match=match, api_key=rig.accounts[0].api_key, **rule)]  # type: ignore[arg-type]
+    )
+
+
 async def warm(gateway: VenueGateway, name: str) -> None:
     """Markets loaded and the first positions read made, as on a long-running worker."""
     venue = await gateway.session(name)
@@ -88,16 +95,7 @@ async def test_a_failing_conditional_listing_blocks_nothing_else(env, make_rig: 
     await rig.admin.set_positions(
         account.api_key, [PositionSet(symbol="SOLUSDT", qty=Decimal("3"))]
     )
-    await rig.admin.add_faults(
-        [
-            FaultRule(
-                kind="http_error",
-                match="GET /fapi/v1/openAlgoOrders",
-                status=400,
-                api_key=account.api_key,
-            )
-        ]
-    )
+    await inject(rig, kind="http_error", match="GET /fapi/v1/openAlgoOrders", status=400)
     acts = KillActivities(rig.gateway())
     try:
         halt = await env.run(acts.halt, HaltRequest(account=account.futures))
@@ -128,16 +126,7 @@ async def test_plain_cancels_do_not_wait_for_the_conditional_listing(
     await rest_orders(rig, ["BTCUSDT", "ETHUSDT", "XRPUSDT"])
     acts = KillActivities(rig.gateway())
     await warm(acts.gateway, account.futures)
-    await rig.admin.add_faults(
-        [
-            FaultRule(
-                kind="latency",
-                match="GET /fapi/v1/openAlgoOrders",
-                latency_ms=1500,
-                api_key=account.api_key,
-            )
-        ]
-    )
+    await inject(rig, kind="latency", match="GET /fapi/v1/openAlgoOrders", latency_ms=1500)
     since = time.time()
     try:
         # The halt starts beside it, as in the kill: it shares the first listing.
@@ -190,16 +179,7 @@ async def test_halt_reports_exactly_what_the_venue_armed_and_released(make_rig: 
         )
         assert "weight" in next(iter(halt.symbols_failed.values()))
         # Disarm what was armed, with 503 on one call: released says exactly which.
-        await rig.admin.add_faults(
-            [
-                FaultRule(
-                    kind="http_error",
-                    match="POST /fapi/v1/countdownCancelAll",
-                    max_count=3,
-                    api_key=account.api_key,
-                )
-            ]
-        )
+        await inject(rig, kind="http_error", match="POST /fapi/v1/countdownCancelAll", max_count=3)
         release = await ActivityEnvironment().run(
             acts.halt,
             HaltRequest(account=account.futures, dead_man_seconds=0, symbols=halt.symbols_armed),
@@ -218,16 +198,7 @@ async def test_halt_under_a_flaky_venue_never_hides_an_armed_timer(make_rig: Mak
     await rest_orders(rig, symbols)
     gateway = rig.gateway()
     await warm(gateway, account.futures)
-    await rig.admin.add_faults(
-        [
-            FaultRule(
-                kind="http_error",
-                match="POST /fapi/v1/countdownCancelAll",
-                probability=0.5,
-                api_key=account.api_key,
-            )
-        ]
-    )
+    await inject(rig, kind="http_error", match="POST /fapi/v1/countdownCancelAll", probability=0.5)
     acts = KillActivities(gateway)
     try:
         halt = await ActivityEnvironment().run(acts.halt, HaltRequest(account=account.futures))
@@ -261,17 +232,7 @@ async def test_a_retried_flatten_reports_the_orders_of_the_attempt_that_died(
         ],
     )
     # One closing order is slow at the venue: the worker dies while it is in flight.
-    await rig.admin.add_faults(
-        [
-            FaultRule(
-                kind="latency",
-                match="POST /fapi/v1/order",
-                latency_ms=1500,
-                max_count=1,
-                api_key=account.api_key,
-            )
-        ]
-    )
+    await inject(rig, kind="latency", match="POST /fapi/v1/order", latency_ms=1500, max_count=1)
     acts = KillActivities(rig.gateway())
     first = attempt(1)
     beats: list[Any] = []
@@ -324,18 +285,9 @@ async def test_a_flaky_venue_still_ends_flat_and_never_flipped(make_rig: MakeRig
     )
     gateway = rig.gateway()
     await warm(gateway, account.futures)
-    await rig.admin.add_faults(
-        [
-            FaultRule(kind="http_error", match="*", probability=0.3, api_key=account.api_key),
-            # A thin book: closing takes several passes, each a chance to fail.
-            FaultRule(
-                kind="thin_book",
-                match="POST /fapi/v1/order",
-                liquidity=0.8,
-                api_key=account.api_key,
-            ),
-        ]
-    )
+    await inject(rig, kind="http_error", match="*", probability=0.3)
+    # A thin book: closing takes several passes, each a chance to fail.
+    await inject(rig, kind="thin_book", match="POST /fapi/v1/order", liquidity=0.8)
     acts = KillActivities(gateway)
     request = FlattenRequest(account=account.futures, client_id_prefix="bgflaky1")
     try:
@@ -409,16 +361,7 @@ async def test_a_book_that_cannot_be_cancelled_does_not_hold_the_rest_for_the_de
     rig = await make_rig(n=1, create=True)
     account = rig.accounts[0]
     await rest_orders(rig, ["BTCUSDT", "ETHUSDT"], conditional=["ETHUSDT"])
-    await rig.admin.add_faults(
-        [
-            FaultRule(
-                kind="http_error",
-                match="DELETE /fapi/v1/algoOpenOrders",
-                status=400,
-                api_key=account.api_key,
-            )
-        ]
-    )
+    await inject(rig, kind="http_error", match="DELETE /fapi/v1/algoOpenOrders", status=400)
     acts = KillActivities(rig.gateway())
     started = time.monotonic()
     try:
