@@ -309,6 +309,14 @@ async def launch(
         abort(f"{noun} {handle.id} failed: {e.cause or e}", ExitCode.WORKFLOW_FAILED)
     except RPCError as e:
         lost_contact(settings, handle.id, noun, e)
+    except asyncio.CancelledError:
+        # Ctrl-C (asyncio.run cancels us, then run_async exits 130): only the following stops.
+        err_console.print(
+            f"stopped following {handle.id}: the {noun} goes on; follow it with "
+            f"`breakglass status {handle.id}`",
+            markup=False,
+        )
+        raise
     finally:
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
 from sandbox.admin_models import FaultRule
@@ -264,3 +264,26 @@ async def test_worker_dying_mid_kill_is_warned_while_following_and_cleared(
     assert code == ExitCode.OK, run.stdout + run.stderr
     assert "verified" in run.stdout
     assert_clean_terminal(run.stderr)
+
+
+async def test_ctrl_c_stops_following_and_says_the_kill_goes_on(
+    dev_env: WorkflowEnvironment, make_rig: MakeRig
+) -> None:
+    rig = await make_rig(n=1, create=True)
+    address = dev_env.client.service_client.config.target_host
+    env = cli_env(rig, address, fresh_id("tq-ctrl-c"))
+    account = rig.accounts[0].futures
+    workflow_id = f"kill/{account}"
+    try:
+        async with cli("kill", "--account", account, "--reason", "ctrl-c", env=env) as run:
+            await seen(run, r"kill switch kill/", stream="out")
+            run.proc.send_signal(signal.SIGINT)
+            code = await finished(run, timeout=60)
+        assert code == 130, run.stdout + run.stderr
+        assert f"stopped following {workflow_id}: the kill goes on" in run.stderr
+        assert f"breakglass status {workflow_id}" in run.stderr
+        assert "Traceback" not in run.stderr
+        handle = dev_env.client.get_workflow_handle(workflow_id)
+        assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    finally:
+        await dev_env.client.get_workflow_handle(workflow_id).terminate("test over")
