@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 
 from activities.accounts import ConfigError
+from activities.rollback_plan import NOT_RUNBOOKS
 from activities.runbooks import check_accounts, load_runbook, runbook_json_schema_text
-from worker.cli_common import console, err_console, register
+from worker.cli_common import console, err_console, load_settings, register
 from workflows.shared import ExitCode
 
 app = typer.Typer(
@@ -20,7 +21,13 @@ app = typer.Typer(
 
 
 def validate(
-    files: Annotated[list[Path], typer.Argument(help="Runbook YAML files.", show_default=False)],
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Runbook YAML files (default: every runbook in BREAKGLASS_RUNBOOKS_DIR).",
+            show_default=False,
+        ),
+    ] = None,
     accounts_file: Annotated[
         Path,
         typer.Option(
@@ -32,7 +39,15 @@ def validate(
     ] = Path("runbooks/accounts.yaml"),
 ) -> None:
     """Validate runbook files: prints "ok: FILE (strategy/env)" per valid file; otherwise one
-    "file:line: field: message" line per problem on stderr and exit 2 (BAD_INPUT)."""
+    "file:line: field: message" line per problem on stderr and exit 2 (BAD_INPUT). Without
+    files, every runbook of the runbooks directory: a rollback or deploy skips another
+    system's broken runbook, this is where it is reported."""
+    if not files:
+        runbooks_dir = load_settings().runbooks_dir
+        files = [p for p in sorted(runbooks_dir.glob("*.yaml")) if p.name not in NOT_RUNBOOKS]
+        if not files:
+            err_console.print(f"no runbooks in {runbooks_dir}", markup=False)
+            raise typer.Exit(int(ExitCode.BAD_INPUT))
     problems: list[str] = []
     for path in files:
         try:

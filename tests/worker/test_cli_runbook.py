@@ -24,8 +24,8 @@ class Run:
     err: str
 
 
-def breakglass(*args: str) -> Run:
-    env = {**os.environ, "COLUMNS": "80"}
+def breakglass(*args: str, **extra_env: str) -> Run:
+    env = {**os.environ, "COLUMNS": "80", **extra_env}
     env.pop("BREAKGLASS_ACCOUNTS_FILE", None)
     proc = subprocess.run(
         [sys.executable, "-m", "worker.cli", "runbook", *args],
@@ -88,3 +88,19 @@ def test_schema_prints_json_and_writes_the_file(tmp_path: Path) -> None:
     run = breakglass("schema", "--output", str(out))
     assert run.code == ExitCode.OK, run.err
     assert out.read_text() == (REPO / "runbooks/runbook.schema.json").read_text()
+
+
+def test_validate_without_files_checks_every_runbook_of_the_directory(tmp_path: Path) -> None:
+    """Where a broken runbook of another system is reported (a rollback skips it): every file
+    of BREAKGLASS_RUNBOOKS_DIR, duplicate keys included (``env: prod`` then ``env: staging``)."""
+    (tmp_path / "sample-staging.yaml").write_text((REPO / STAGING).read_text())
+    dup = tmp_path / "other-prod.yaml"
+    text = (REPO / STAGING).read_text().replace("env: staging", "env: prod\nenv: staging")
+    dup.write_text(text)
+    (tmp_path / "accounts.yaml").write_text("accounts: {}\n")  # not a runbook
+    run = breakglass("validate", BREAKGLASS_RUNBOOKS_DIR=str(tmp_path))
+    assert run.code == ExitCode.BAD_INPUT
+    assert run.out.splitlines() == [f"ok: {tmp_path / 'sample-staging.yaml'} (sample/staging)"]
+    (line,) = run.err.splitlines()
+    second = line_of(text, "env: staging")
+    assert line.startswith(f"{dup}:{second}: env: duplicate key 'env' (first on line "), line
