@@ -106,6 +106,8 @@ class RollbackWorkflow:
     def __init__(self) -> None:
         self._input: RollbackInput | None = None
         self._plan: RollbackPlan | None = None
+        self._located: SystemLocation | None = None
+        """The system as its runbook names it, when the plan failed (a safe stop's target)."""
         self._current: RollbackStep | None = None
         self._timeline: list[TimelineEntry] = []
         self._awaiting_approval = False
@@ -464,6 +466,7 @@ class RollbackWorkflow:
             )
         except ActivityError as e:
             return None, SafeStopReport(found=False, failures=[failure_message(e)])
+        self._located = system
         return system, SafeStopReport()
 
     async def _stop_everything(
@@ -531,7 +534,8 @@ class RollbackWorkflow:
 
     def _heartbeat(self) -> timedelta:
         """How soon a worker that died inside a step is noticed: the runbook's ``heartbeat_s``."""
-        timeouts = self._plan.timeouts if self._plan is not None else StepTimeouts()
+        known = self._plan or self._located
+        timeouts = known.timeouts if known is not None else StepTimeouts()
         return timedelta(seconds=timeouts.heartbeat_s)
 
     async def _run(self, step: RollbackStep, call: Any, describe: Any) -> Any:
