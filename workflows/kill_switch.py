@@ -238,6 +238,15 @@ class _AccountRun:
             }
         )
 
+    def may_be_armed(self) -> list[str]:
+        """Armed, or possibly armed: the venue's answer to the arming never came."""
+        maybe = [s for s, why in self.arm_failed.items() if why.startswith("outcome unknown")]
+        return [*self.armed, *(s for s in maybe if s not in self.armed)]
+
+    def unreleased(self) -> list[str]:
+        tried = [*self.armed, *(s for s in self.arm_failed if s != "*" and s not in self.armed)]
+        return [s for s in tried if s not in self.released]
+
     def dead_man(self) -> DeadManReport:
         if not self.dead_man_on:
             state = DeadManState.OFF
@@ -679,19 +688,17 @@ class KillSwitchWorkflow:
             run.leave(Step.HALT, StepState.DONE, f"{len(run.armed)} symbols armed")
 
     async def _release_dead_man(self, runs: list[_AccountRun]) -> None:
-        """Disarm exactly the countdowns the halt armed, for verified accounts: a timer left
-        running would cancel the orders of whatever trades next. What could not be disarmed is
-        reported (it runs out by itself)."""
-        todo = [r for r in runs if [s for s in r.armed if s not in r.released]]
+        """Disarm the countdowns the halt armed, for verified accounts: a timer left running
+        would cancel the orders of whatever trades next. Symbols whose arming failed are
+        disarmed too (a timeout may have armed them; disarming nothing is harmless). What could
+        not be disarmed is reported (it runs out by itself)."""
+        todo = [r for r in runs if r.unreleased()]
+        asked = {r.account: r.unreleased() for r in todo}
         results = await asyncio.gather(
             *(
                 workflow.execute_local_activity(
                     "halt_account",
-                    HaltRequest(
-                        account=r.account,
-                        dead_man_seconds=0,
-                        symbols=[s for s in r.armed if s not in r.released],
-                    ),
+                    HaltRequest(account=r.account, dead_man_seconds=0, symbols=asked[r.account]),
                     result_type=HaltResult,
                     start_to_close_timeout=timedelta(seconds=20),
                     retry_policy=RetryPolicy(maximum_attempts=3),
@@ -701,18 +708,13 @@ class KillSwitchWorkflow:
             return_exceptions=True,
         )
         for run, result in zip(todo, results, strict=True):
-            asked = [s for s in run.armed if s not in run.released]
             if isinstance(result, HaltResult):
-                # An older halt activity answers a disarm with the symbols in symbols_armed.
-                said = result.symbols_released or (
-                    [] if result.symbols_failed else result.symbols_armed
-                )
-                released = [s for s in asked if s in said]
+                released = [s for s in asked[run.account] if s in result.symbols_released]
             else:
                 released = []
                 run.errors.append(f"halt: release failed: {_error_text(result)}")
             run.released = [*run.released, *released]
-            run.release_failed = [s for s in run.armed if s not in run.released]
+            run.release_failed = [s for s in run.may_be_armed() if s not in run.released]
 
     async def _notify(self, report: KillReport) -> None:
         self._notify_step = StepStatus(

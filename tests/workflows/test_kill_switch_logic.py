@@ -31,6 +31,7 @@ from workflows.shared import (
 )
 
 ETH = "ETH/USDT:USDT"
+SOL = "SOL/USDT:USDT"
 
 
 async def run_kill(env: WorkflowEnvironment, venue: FakeVenue, kill: KillSwitchInput) -> KillReport:
@@ -192,7 +193,7 @@ async def test_a_failed_halt_shows_failed_and_the_dead_man_not_armed(time_env) -
 async def test_a_partial_halt_is_partial_and_exactly_what_was_armed_is_released(time_env) -> None:
     venue = FakeVenue(
         armed={"a": [BTC, ETH]},
-        arm_failed={"a": {"SOL/USDT:USDT": "VenueUnavailable: 503"}},
+        arm_failed={"a": {SOL: "VenueUnavailable: 503"}},
         release_failed={"a": {ETH: "VenueUnavailable: 503"}},
     )
     report = await run_kill(time_env, venue, request("a"))
@@ -203,12 +204,23 @@ async def test_a_partial_halt_is_partial_and_exactly_what_was_armed_is_released(
     assert dead_man is not None
     assert dead_man.state is DeadManState.PARTIAL
     assert dead_man.armed == [BTC, ETH]
-    assert dead_man.failed == {"SOL/USDT:USDT": "VenueUnavailable: 503"}
-    assert dead_man.released == [BTC]
+    assert dead_man.failed == {SOL: "VenueUnavailable: 503"}
+    assert dead_man.released == [BTC, SOL]  # SOL's arming failed: disarmed too, harmlessly
     assert dead_man.release_failed == [ETH]
     release = [h for h in venue.halt_calls if h.dead_man_seconds == 0]
-    assert [h.symbols for h in release] == [[BTC, ETH]]
+    assert [h.symbols for h in release] == [[BTC, ETH, SOL]]
     assert account.dead_man_symbols == 2
+
+
+async def test_a_possibly_armed_countdown_that_stays_armed_is_reported(time_env) -> None:
+    venue = FakeVenue(
+        arm_failed={"a": {ETH: "outcome unknown: timeout"}},
+        release_failed={"a": {ETH: "VenueUnavailable: 503"}},
+    )
+    report = await run_kill(time_env, venue, request("a"))
+    dead_man = report.accounts[0].dead_man
+    assert dead_man is not None
+    assert (dead_man.released, dead_man.release_failed) == ([BTC], [ETH])
 
 
 async def test_no_dead_man_when_the_caller_turns_it_off(time_env) -> None:
