@@ -216,7 +216,9 @@ class KillActivities:
         info = activity.info()
         progress: dict[str, object] = {"pass": 0}
         run = FlattenRun(venue, request.client_id_prefix, info.attempt > 1, progress)
-        run.remember(earlier_legs(info.heartbeat_details))
+        if run.resumed:
+            run.remember(earlier_legs(info.heartbeat_details))
+            run.remember({(p.symbol, p.position_side): 0 for p in request.known_positions})
         try:
             async with heartbeating(progress):
                 before, after, passes, dust = await self._flatten_passes(run)

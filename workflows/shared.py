@@ -197,6 +197,10 @@ class FlattenRequest(Model):
     account: str
     client_id_prefix: str = Field(pattern=r"^[A-Za-z0-9_-]{1,20}$")
     """Deterministic prefix (from the workflow id and round) for every order this flatten sends."""
+    known_positions: list[Position] = Field(default=[], max_length=1000)
+    """Positions the caller saw before this round (the kill's first look). A retried attempt
+    looks up earlier attempts' orders on these legs even where the position is flat by now: the
+    crashed attempt's last heartbeat may never have reached the server."""
 
 
 class FlattenOrder(Model):

@@ -219,9 +219,13 @@ async def test_halt_under_a_flaky_venue_never_hides_an_armed_timer(make_rig: Mak
 # ------------------------------------------------------------------ defect 14: recovered orders
 
 
+@pytest.mark.parametrize("told_by", ["heartbeat", "start-positions"])
 async def test_a_retried_flatten_reports_the_orders_of_the_attempt_that_died(
-    make_rig: MakeRig,
+    told_by: str, make_rig: MakeRig
 ) -> None:
+    """The retry learns the legs from the dead attempt's last heartbeat or, when that beat never
+    reached the server (a SIGKILL within the SDK's heartbeat throttle), from the positions the
+    kill saw at its start: the positions are flat by now, so its own read shows nothing."""
     rig = await make_rig(n=1, create=True)
     account = rig.accounts[0]
     await rig.admin.set_positions(
@@ -234,6 +238,7 @@ async def test_a_retried_flatten_reports_the_orders_of_the_attempt_that_died(
     # One closing order is slow at the venue: the worker dies while it is in flight.
     await inject(rig, kind="latency", match="POST /fapi/v1/order", latency_ms=1500, max_count=1)
     acts = KillActivities(rig.gateway())
+    at_start = await (await acts.gateway.session(account.futures)).positions()
     first = attempt(1)
     beats: list[Any] = []
     first.on_heartbeat = lambda *details: beats.append(details)
@@ -255,7 +260,11 @@ async def test_a_retried_flatten_reports_the_orders_of_the_attempt_that_died(
             return len([o for o in state.orders if o.client_order_id.startswith("bgcrash1")]) == 2
 
         await assert_eventually(both_filled)
-        retry = await attempt(2, list(beats[-1]) if beats else []).run(acts.flatten, request)
+        if told_by == "heartbeat":
+            retry = await attempt(2, list(beats[-1])).run(acts.flatten, request)
+        else:
+            request = request.model_copy(update={"known_positions": at_start})
+            retry = await attempt(2).run(acts.flatten, request)
     finally:
         await acts.gateway.close()
     state = await rig.admin.state(account.api_key)
