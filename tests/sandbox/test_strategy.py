@@ -252,12 +252,16 @@ async def test_halted_stops_orders_within_one_loop_and_reducing_only_reduces(
     assert change.changed
 
     async def nothing_rests() -> None:
+        # A loop that read HALTED runs, so every loop that read ACTIVE has ended (a requote's
+        # cancel-then-place would otherwise look like nothing resting for a moment).
+        _, body = await get_json(run.base_url + "/healthz")
+        assert body["trading_state"] == "HALTED", body
         state = await sandbox_admin.state(run.account.api_key)
         assert state.open_orders == []
 
     # The next loop reads the state and cancels. Polled, not timed: on a busy machine a loop
     # takes what it takes (the loop-count checks below are what bounds the strategy).
-    await assert_eventually(nothing_rests, timeout=START_S)
+    await assert_eventually(nothing_rests, timeout=START_S, retry_on=UNREACHABLE)
     count = len(ours(await sandbox_admin.state(run.account.api_key), run))
     # Three more loops: still nothing new.
     await assert_eventually(lambda: _loops_at_least(run, 3), timeout=START_S)
@@ -621,6 +625,7 @@ def _decided(db: Path, version: str) -> bool:
     return bool(row and row[0])
 
 
+@pytest.mark.timeout(900)  # a hang detector: six strategy starts take minutes on a busy machine
 async def test_sigterm_exits_within_a_loop_even_mid_read_and_records_what_it_sent(
     launch: Launch, sandbox_admin: SandboxAdmin, tmp_path: Path
 ) -> None:
