@@ -220,8 +220,14 @@ class KillActivities:
             run.remember(earlier_legs(info.heartbeat_details))
             run.remember({(p.symbol, p.position_side): 0 for p in request.known_positions})
         try:
+            # The first read comes before the first heartbeat, so that beat (the one the SDK
+            # sends at once; later ones are throttled) names every leg this attempt may send
+            # on: a retry after a crash looks their ids up even where the position is flat.
+            first = await _read_again(venue.positions)
+            run.remember({(p.symbol, p.position_side): 0 for p in first})
+            progress["legs"] = run.heartbeat_legs()
             async with heartbeating(progress):
-                before, after, passes, dust = await self._flatten_passes(run)
+                before, after, passes, dust = await self._flatten_passes(run, first)
                 await run.find_unknown()
         except VenueError as e:
             raise as_application_error(e, request.account) from None
@@ -246,7 +252,7 @@ class KillActivities:
         )
 
     async def _flatten_passes(
-        self, run: FlattenRun
+        self, run: FlattenRun, first: list[Position]
     ) -> tuple[list[Position], list[Position], int, set[Leg]]:
         """Pass after pass from fresh positions; returns (before, after, passes, dust legs)."""
         venue = run.venue
@@ -256,9 +262,11 @@ class KillActivities:
         before: list[Position] | None = None
         after: list[Position] | None = None
         passes = read_failures = 0
+        fresh: list[Position] | None = first
         while passes < MAX_FLATTEN_PASSES:
             try:
-                positions = await venue.positions()
+                positions = fresh if fresh is not None else await venue.positions()
+                fresh = None
             except VenueError as e:
                 if isinstance(e, AuthFailed) or read_failures + 1 >= MAX_READ_FAILURES:
                     raise

@@ -135,9 +135,13 @@ class FlattenRun:
             state = self.leg(leg)
             state.known = max(state.known, count)
 
+    def heartbeat_legs(self) -> dict[str, int]:
+        """Every leg known so far with the ids it has used (0: none yet, but it may)."""
+        return {_heartbeat_key(k): max(v.next_no, v.known) for k, v in self.legs.items()}
+
     def beat(self) -> None:
         """Heartbeat the ids used so far at once: a retry after a crash starts from them."""
-        self.progress["legs"] = {_heartbeat_key(k): v.next_no for k, v in self.legs.items()}
+        self.progress["legs"] = self.heartbeat_legs()
         activity.heartbeat(dict(self.progress))
 
     # ------------------------------------------------------------------ earlier attempts

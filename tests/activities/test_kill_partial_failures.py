@@ -219,13 +219,14 @@ async def test_halt_under_a_flaky_venue_never_hides_an_armed_timer(make_rig: Mak
 # ------------------------------------------------------------------ defect 14: recovered orders
 
 
-@pytest.mark.parametrize("told_by", ["heartbeat", "start-positions"])
+@pytest.mark.parametrize("told_by", ["heartbeat", "first-heartbeat", "start-positions"])
 async def test_a_retried_flatten_reports_the_orders_of_the_attempt_that_died(
     told_by: str, make_rig: MakeRig
 ) -> None:
-    """The retry learns the legs from the dead attempt's last heartbeat or, when that beat never
-    reached the server (a SIGKILL within the SDK's heartbeat throttle), from the positions the
-    kill saw at its start: the positions are flat by now, so its own read shows nothing."""
+    """The retry learns the legs from the dead attempt's last heartbeat, or its first one (the
+    SDK sends the first at once and throttles the rest: a SIGKILL may lose them), or from the
+    positions the kill saw at its start: the positions are flat by now, so its own read shows
+    nothing."""
     rig = await make_rig(n=1, create=True)
     account = rig.accounts[0]
     await rig.admin.set_positions(
@@ -262,6 +263,8 @@ async def test_a_retried_flatten_reports_the_orders_of_the_attempt_that_died(
         await assert_eventually(both_filled)
         if told_by == "heartbeat":
             retry = await attempt(2, list(beats[-1])).run(acts.flatten, request)
+        elif told_by == "first-heartbeat":
+            retry = await attempt(2, list(beats[0])).run(acts.flatten, request)
         else:
             request = request.model_copy(update={"known_positions": at_start})
             retry = await attempt(2).run(acts.flatten, request)
