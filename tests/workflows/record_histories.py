@@ -13,9 +13,9 @@ from pathlib import Path
 from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
+from tests.fixtures.kill import FakeVenue, long, request
 from tests.helpers import new_worker
 from tests.workflows.test_deployment_logic import NEW, REF, FakeRelease, approve, deploy_plan
-from tests.fixtures.kill import FakeVenue, long, request
 from tests.workflows.test_rollback_logic import FakeSystem, plan
 from worker.devstack import find_executable
 from worker.settings import Settings
