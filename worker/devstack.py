@@ -823,9 +823,17 @@ def stack_supervisors(root: Path) -> list[int]:
     """Pids of the running supervisord instances the stack under ``root`` started."""
     found = []
     for pid in _all_pids():
-        if pid == os.getpid() or b"supervisord" not in _proc_text(pid, "cmdline"):
-            continue
-        if _started_by_stack(pid, root):
+        argv = _proc_text(pid, "cmdline").split(b"\0")
+        # supervisord itself (``python -m supervisor.supervisord`` or its script), not any
+        # command that merely mentions it.
+        program = (
+            argv[1:3] if argv and b"python" in Path(argv[0].decode()).name.encode() else argv[:1]
+        )
+        is_supervisord = any(
+            a == b"supervisor.supervisord" or a.endswith(b"/supervisord") or a == b"supervisord"
+            for a in program
+        )
+        if pid != os.getpid() and is_supervisord and _started_by_stack(pid, root):
             found.append(pid)
     return found
 
