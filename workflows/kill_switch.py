@@ -99,6 +99,9 @@ LOOK_PATIENCE = timedelta(seconds=5)
 """The positions look before the first flatten is for the report: it never delays the flatten
 longer than this."""
 NOTIFY_RETRY = RetryPolicy(maximum_attempts=3, maximum_interval=timedelta(seconds=5))
+KILL_V2_PATCH = "kill-v2-halt-beside-cancel"
+"""Runs whose history lacks this marker were started by the code before issue 8 and finish in
+:mod:`workflows.kill_switch_v1`."""
 MAX_INPUT_ERRORS = 5
 """A crafted input may carry thousands of errors: the failure names the first few."""
 
@@ -361,11 +364,15 @@ class KillSwitchWorkflow:
         self._requested_at: datetime | None = None
         self._picked_up_at: datetime | None = None
         self._report: KillReport | None = None
+        self._legacy: Any = None
+        """A run of the code before issue 8 (see ``KILL_V2_PATCH``)."""
 
     # ------------------------------------------------------------------ messages
 
     @workflow.query(name="status")
     def status(self) -> KillStatus:
+        if self._legacy is not None:
+            return self._legacy.status()
         return KillStatus(
             workflow_id=workflow.info().workflow_id,
             round=self._round,
@@ -405,6 +412,12 @@ class KillSwitchWorkflow:
             raise ApplicationError("this kill's input is invalid: it is failing", type="Refused")
         if self._report is not None:
             raise ApplicationError("this kill has finished: start a new one", type="Refused")
+        if self._legacy is not None:
+            raise ApplicationError(
+                "this kill runs the previous version's code, which cannot take joins: start a "
+                "new kill once it has ended",
+                type="Refused",
+            )
         try:
             KillJoin.model_validate(request)
         except ValidationError as e:
@@ -418,6 +431,12 @@ class KillSwitchWorkflow:
             assert self._invalid is not None
             raise self._invalid
         kill = self._input
+        if not workflow.patched(KILL_V2_PATCH):
+            # Started by the code before issue 8 (no marker in its history): finish it that way.
+            from workflows.kill_switch_v1 import LegacyKillSwitch
+
+            self._legacy = LegacyKillSwitch()
+            return await self._legacy.run(kill)
         info = workflow.info()
         self._requested_at = info.workflow_start_time
         self._picked_up_at = workflow.now()
