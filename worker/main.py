@@ -50,6 +50,10 @@ WORKFLOWS: Sequence[type] = (KillSwitchWorkflow, RollbackWorkflow, DeployWorkflo
 STICKY_FAILOVER = timedelta(seconds=3)
 """A dead worker's cached workflows move to another worker after this (SDK default 10 s): a kill
 switch should not sit out the default when its worker was SIGKILLed."""
+HEARTBEAT_THROTTLE = timedelta(seconds=2)
+"""How often an activity's heartbeats reach the server at most. The SDK's default, 0.8 x the
+heartbeat timeout, left the kill's 5 s timeout 1 s of slack (now 3 s): under 100 concurrent kills
+on 2 cores 248 cancel_all and 444 flatten attempts timed out while their workers were alive."""
 
 
 def gateway_for(settings: Settings) -> VenueGateway:
@@ -143,6 +147,7 @@ def build_worker(
     **options: Any,
 ) -> Worker:
     options.setdefault("sticky_queue_schedule_to_start_timeout", STICKY_FAILOVER)
+    options.setdefault("max_heartbeat_throttle_interval", HEARTBEAT_THROTTLE)
     return Worker(
         client,
         task_queue=task_queue,

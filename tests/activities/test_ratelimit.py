@@ -111,3 +111,23 @@ def test_countdown_cancel_all_is_the_dead_man_lane() -> None:
         Lane.DEAD_MAN
     )
     assert request_lane("DELETE", "https://fapi.binance.com/fapi/v1/allOpenOrders") is Lane.UNWIND
+
+
+async def test_running_totals_match_the_window_as_it_moves() -> None:
+    """The per-lane totals (kept so a busy minute is not summed on every request) always equal
+    the weight still inside the window, per lane and in all."""
+    clock = FakeClock()
+    limiter = WeightLimiter(10_000, clock=clock, dead_man_share=0.5)
+    sent: list[tuple[float, int, Lane]] = []
+    for i in range(600):
+        clock.now += 0.37
+        lane = Lane.DEAD_MAN if i % 7 == 0 else Lane.UNWIND
+        weight = 10 if lane is Lane.DEAD_MAN else 1 + i % 5
+        try:
+            await limiter.acquire(weight, lane)
+        except RateLimited:
+            continue
+        sent.append((clock.now, weight, lane))
+        live = [(t, w, ln) for t, w, ln in sent if t > clock.now - WINDOW_S]
+        assert limiter.used() == sum(w for _, w, _ in live)
+        assert limiter.used(Lane.DEAD_MAN) == sum(w for _, w, ln in live if ln is Lane.DEAD_MAN)
