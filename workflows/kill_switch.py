@@ -558,6 +558,9 @@ class KillSwitchWorkflow:
                             client_id_prefix=order_prefix(
                                 info.workflow_id, info.run_id, run.rounds
                             ),
+                            # A retry after a SIGKILL looks earlier orders up on these legs even
+                            # when the dead attempt's heartbeat never reached the server.
+                            known_positions=run.positions_before or [],
                         ),
                         result_type=FlattenResult,
                         start_to_close_timeout=timedelta(minutes=2),
