@@ -299,7 +299,7 @@ def kill(
 ) -> None:
     """Emergency kill switch: cancel every open order and flatten every position, verified.
 
-    Runs halt → cancel_all → flatten → verify → notify through Temporal. Exit 0 only when the
+    Runs cancel_all (the dead-man armed beside it) → flatten → verify → notify through Temporal. Exit 0 only when the
     venue shows every account flat. Reads BREAKGLASS_ACCOUNTS_FILE and the Temporal settings.
     """
     settings = load_settings()
