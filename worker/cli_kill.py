@@ -299,8 +299,9 @@ def kill(
 ) -> None:
     """Emergency kill switch: cancel every open order and flatten every position, verified.
 
-    Runs cancel_all (the dead-man armed beside it) → flatten → verify → notify through Temporal. Exit 0 only when the
-    venue shows every account flat. Reads BREAKGLASS_ACCOUNTS_FILE and the Temporal settings.
+    Runs cancel_all (the dead-man armed beside it) → flatten → verify → notify through
+    Temporal. Exit 0 only when the venue shows every account flat. Reads
+    BREAKGLASS_ACCOUNTS_FILE and the Temporal settings.
     """
     settings = load_settings()
     request = _validated_input(settings, account, reason, requested_by or getpass.getuser(), scope)
