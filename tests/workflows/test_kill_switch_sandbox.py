@@ -28,7 +28,7 @@ from tests.fixtures.venues import (
     assert_no_order_sent_twice,
     is_dust,
 )
-from tests.helpers import assert_eventually, fresh_id, new_worker
+from tests.helpers import assert_eventually, fresh_id, new_worker, wait_for_poller
 from worker.main import WORKFLOWS, activities_for
 from workflows.kill_switch import KillSwitchWorkflow
 from workflows.shared import (
@@ -333,25 +333,6 @@ def start_worker_process(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-
-
-async def wait_for_poller(client: Client, task_queue: str) -> None:
-    from temporalio.api.enums.v1 import TaskQueueType
-    from temporalio.api.taskqueue.v1 import TaskQueue
-    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-
-    async def polled() -> bool:
-        answer = await client.workflow_service.describe_task_queue(
-            DescribeTaskQueueRequest(
-                namespace=client.namespace,
-                task_queue=TaskQueue(name=task_queue),
-                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
-            )
-        )
-        return len(answer.pollers) > 0
-
-    # A worker process imports ccxt and the SDK: on a loaded 2-core machine that took 30 s.
-    await assert_eventually(polled, timeout=120)
 
 
 def scan_for_secrets(rig: Rig, *texts: str) -> None:
