@@ -113,7 +113,8 @@ async def test_a_failing_conditional_listing_blocks_nothing_else(env, make_rig: 
         (None, True, "list")
     ]
     assert cancel.orders_found >= 2 and cancel.still_open == []
-    assert elapsed < 5, f"cancel_all took {elapsed:.1f}s with one book failing"
+    # Generous for a busy machine; the defect retried for minutes.
+    assert elapsed < 25, f"cancel_all took {elapsed:.1f}s with one book failing"
     assert snap.unread_books and snap.open_orders == []
     assert [p.symbol for p in snap.positions] == ["SOL/USDT:USDT"]
 
@@ -359,7 +360,8 @@ async def test_a_second_kill_is_not_delayed_by_the_first_ones_arming(make_rig: M
         await gateway.close()
     assert first[1].still_open == [] and second[1].still_open == []
     assert gateway.limiters[FAPI].waits == 0
-    assert elapsed < 3.0, f"second kill's cancel took {elapsed:.2f}s"
+    # waits == 0 above is the property; the bound only catches a gross stall (48 s before).
+    assert elapsed < 20, f"second kill's cancel took {elapsed:.2f}s"
     # Symbols the first kill armed are not armed again (their timers still run).
     log = await rig.admin.requests(since=since, api_key=account.api_key)
     rearmed = [r for r in log if r.path == "/fapi/v1/countdownCancelAll"]
@@ -377,7 +379,9 @@ async def test_a_book_that_cannot_be_cancelled_does_not_hold_the_rest_for_the_de
     acts = KillActivities(rig.gateway())
     started = time.monotonic()
     try:
-        cancel = await env.run(acts.cancel_all, CancelAllRequest(account=account.futures))
+        cancel = await env.run(
+            acts.cancel_all, CancelAllRequest(account=account.futures, verify_deadline_s=120)
+        )
     finally:
         await acts.gateway.close()
     elapsed = time.monotonic() - started
@@ -388,7 +392,8 @@ async def test_a_book_that_cannot_be_cancelled_does_not_hold_the_rest_for_the_de
         ("ETH/USDT:USDT", True, "cancel")
     ], cancel.failed_books
     assert [o.symbol for o in cancel.still_open] == ["ETH/USDT:USDT"]
-    assert elapsed < 5, f"cancel_all waited {elapsed:.1f}s for a book it cannot cancel"
+    # Far below the 120 s deadline it would wait out before the fix, even on a busy machine.
+    assert elapsed < 60, f"cancel_all waited {elapsed:.1f}s for a book it cannot cancel"
 
 
 async def test_a_retry_finds_an_earlier_order_its_heartbeat_never_told(make_rig: MakeRig) -> None:

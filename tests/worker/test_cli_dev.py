@@ -28,6 +28,9 @@ from workflows.rollback import RollbackWorkflow
 from workflows.rollback_models import RollbackInput, RollbackOutcome, RollbackReport
 from workflows.shared import TASK_QUEUE, ExitCode
 
+# The embedded stack's own processes (Temporal, sandbox, worker, supervisord): the full tier.
+pytestmark = pytest.mark.servers
+
 PORT_VARS = (
     "BREAKGLASS_DEV_TEMPORAL_PORT",
     "BREAKGLASS_DEV_UI_PORT",

@@ -158,8 +158,9 @@ async def test_kill_right_after_the_worker_died_warns_within_seconds_and_clears(
         async with cli("kill", "--account", account, "--reason", "worker died", env=env) as run:
             header = await seen(run, r"kill switch kill/", stream="out")
             warned = await seen(run, r"no worker")
-            # Within seconds of the start, though the dead worker polled moments ago.
-            assert warned - header < 10, f"warned {warned - header:.1f}s after the header"
+            # Within seconds of the start, though the dead worker polled moments ago (the old
+            # check never warned: the dead poller counted as live for 70 s). Room for load.
+            assert warned - header < 20, f"warned {warned - header:.1f}s after the header"
             async with kill_worker(dev_env.client, rig, task_queue=task_queue):
                 await seen(run, r"^a worker picked up the kill kill/")
                 code = await finished(run)
@@ -254,7 +255,8 @@ async def test_worker_dying_mid_kill_is_warned_while_following_and_cleared(
             await rig.admin.clear_faults()
             died = time.monotonic()
             warned = await seen(run, r"no worker", timeout=60)
-            assert warned - (died - run.started) < 30, f"warned {warned:.1f}s in"
+            # 5 s heartbeat timeout + the 3 s stall rule, with room for a busy machine.
+            assert warned - (died - run.started) < 45, f"warned {warned:.1f}s in"
             async with kill_worker(dev_env.client, rig, task_queue=task_queue):
                 await seen(run, r"^a worker picked up the kill kill/", timeout=60)
                 code = await finished(run)

@@ -1,41 +1,23 @@
-"""``breakglass runbook validate | schema`` as a user runs them (a real process)."""
+"""``breakglass runbook validate | schema`` as a user runs them (in process: the behaviour under
+test is the command's, not the process's)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from activities.runbooks import runbook_json_schema
+from tests.fixtures.cli import REPO, Run, invoke
 from workflows.shared import ExitCode
 
-REPO = Path(__file__).resolve().parents[2]
 STAGING = "runbooks/sample-staging.yaml"
 PROD = "runbooks/sample-prod.yaml"
 
 
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
 def breakglass(*args: str, **extra_env: str) -> Run:
-    env = {**os.environ, "COLUMNS": "80", **extra_env}
-    env.pop("BREAKGLASS_ACCOUNTS_FILE", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "runbook", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return Run(proc.returncode, proc.stdout, proc.stderr)
+    # Unset: the accounts file then comes from the runbook's own directory default.
+    env: dict[str, str | None] = {"COLUMNS": "80", "BREAKGLASS_ACCOUNTS_FILE": None, **extra_env}
+    return invoke(("runbook", *args), env)  # type: ignore[arg-type]
 
 
 def line_of(text: str, needle: str) -> int:

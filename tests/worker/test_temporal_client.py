@@ -49,7 +49,8 @@ async def test_nothing_listening_fails_fast_in_one_line() -> None:
     started = time.monotonic()
     with pytest.raises(TemporalUnreachable) as e:
         await connect(settings)
-    assert time.monotonic() - started < 10
+    # Bounded, not timed: the default connect timeout, with room for a busy machine.
+    assert time.monotonic() - started < 30
     message = str(e.value)
     assert "\n" not in message
     assert message.startswith(f"cannot reach Temporal at 127.0.0.1:{port} (namespace ops): ")
@@ -66,7 +67,7 @@ async def test_silent_server_times_out() -> None:
         started = time.monotonic()
         with pytest.raises(TemporalUnreachable, match="cannot reach Temporal"):
             await connect(settings)
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 30  # the 1 s timeout bounds it; not the OS's minutes
 
 
 def test_converter_encodes_failures_and_adds_codec_only_with_a_key() -> None:

@@ -28,7 +28,7 @@ from tests.fixtures.rollback import (
     healthy,
 )
 from tests.fixtures.venues import assert_no_order_sent_twice
-from tests.helpers import fresh_id
+from tests.helpers import assert_eventually, fresh_id
 from tests.worker.test_cli_kill import breakglass
 from workflows.rollback import RollbackWorkflow
 from workflows.rollback_models import (
@@ -126,7 +126,7 @@ async def test_rollback_brings_back_the_previous_version_end_to_end(
         # Supervisord and the strategy: only the previous version runs, and it is healthy.
         assert await target.running_versions() == [GOOD]
         assert await target.current() == GOOD
-        await healthy(target, GOOD)
+        await assert_eventually(lambda: healthy(target, GOOD), timeout=120)
 
         # The venue: every order alive before the rollback is gone, the position is closed
         # without ever changing sign; the flatten kill (policy auto: it cancels first, so one kill
