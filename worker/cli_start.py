@@ -234,14 +234,20 @@ class WorkerWatch:
                 self.warned_at = now
             self.waited_s = max(self.waited_s, waiting.since_s)
         elif self.warned_at is not None:
-            err_console.print(
-                f"a worker picked up the {self.noun} {self.workflow_id} after "
-                f"{self.waited_s:.0f}s of waiting",
-                markup=False,
-            )
-            self.warned_at = None
-            self.waited_s = 0.0
+            self.clear()
         return waiting
+
+    def clear(self) -> None:
+        """Take a standing warning back: a worker is doing the work (or has done it)."""
+        if self.warned_at is None:
+            return
+        err_console.print(
+            f"a worker picked up the {self.noun} {self.workflow_id} after "
+            f"{self.waited_s:.0f}s of waiting",
+            markup=False,
+        )
+        self.warned_at = None
+        self.waited_s = 0.0
 
     async def first_look(self) -> None:
         """For a command that does not follow (``--detach``): wait until a worker took the
@@ -321,6 +327,8 @@ async def launch(
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watching
+    # A worker finished it between two looks: the warning must not be left standing.
+    watch_workers.clear()
     return emit(report)
 
 

@@ -656,8 +656,15 @@ async def test_sigterm_exits_within_a_loop_even_mid_read_and_records_what_it_sen
 
     # The slow release "thinks" before each order, far longer than any test runs: a stop then
     # cuts the thinking short and sends nothing. It logs its decisions before thinking.
+    # Not waited healthy: once its first loop is thinking, /healthz rightly says it is stuck,
+    # and on a busy machine that can come before the first probe. Its decisions are the cue.
     slow = await launch(
-        Fault.LATENCY, db=str(db), account=cold.account, loop_interval_s=0.5, latency_fault_s=600
+        Fault.LATENCY,
+        db=str(db),
+        account=cold.account,
+        loop_interval_s=0.5,
+        latency_fault_s=600,
+        wait_healthy=False,
     )
     stop_process(warm.proc)
     await assert_eventually(lambda: _decided(db, "v-latency"), timeout=START_S)
