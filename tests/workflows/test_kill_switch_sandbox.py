@@ -217,6 +217,23 @@ async def test_a_flatten_joining_a_cancel_only_kill_leaves_the_account_flat(
     await assert_flat(rig, spot=False)
 
 
+async def kill_under_faults(client: Client, rig: Rig, *, limit_s: float) -> KillReport:
+    """One futures kill through Temporal while the faults the test injected hold; cleared after."""
+    gateway = rig.gateway()
+    try:
+        async with new_worker(client, *WORKFLOWS, activities=activities_for(gateway, [])) as worker:
+            handle = await client.start_workflow(
+                KillSwitchWorkflow.run,
+                kill_input(rig, spot=False),
+                id=fresh_id("kill"),
+                task_queue=worker.task_queue,
+            )
+            return await asyncio.wait_for(handle.result(), timeout=limit_s)
+    finally:
+        await rig.admin.clear_faults()
+        await gateway.close()
+
+
 async def test_a_failing_conditional_book_does_not_block_the_account(
     client: Client, make_rig: MakeRig
 ) -> None:
@@ -236,19 +253,7 @@ async def test_a_failing_conditional_book_does_not_block_the_account(
             )
         ]
     )
-    gateway = rig.gateway()
-    try:
-        async with new_worker(client, *WORKFLOWS, activities=activities_for(gateway, [])) as worker:
-            handle = await client.start_workflow(
-                KillSwitchWorkflow.run,
-                kill_input(rig, spot=False),
-                id=fresh_id("kill"),
-                task_queue=worker.task_queue,
-            )
-            report = await asyncio.wait_for(handle.result(), timeout=90)
-    finally:
-        await rig.admin.clear_faults()
-        await gateway.close()
+    report = await kill_under_faults(client, rig, limit_s=90)
 
     state = await rig.admin.state(account.api_key)
     assert [o for o in state.open_orders if o.venue == "futures"] == []
@@ -281,19 +286,7 @@ async def test_a_flaky_venue_still_gets_verified_or_an_explained_give_up(
             )
         ]
     )
-    gateway = rig.gateway()
-    try:
-        async with new_worker(client, *WORKFLOWS, activities=activities_for(gateway, [])) as worker:
-            handle = await client.start_workflow(
-                KillSwitchWorkflow.run,
-                kill_input(rig, spot=False),
-                id=fresh_id("kill"),
-                task_queue=worker.task_queue,
-            )
-            report = await asyncio.wait_for(handle.result(), timeout=240)
-    finally:
-        await rig.admin.clear_faults()
-        await gateway.close()
+    report = await kill_under_faults(client, rig, limit_s=240)
     account = report.accounts[0]
     assert account.steps and {s.step: s.state for s in account.steps}["verify"] in (
         StepState.DONE,
